@@ -1,0 +1,1 @@
+"""fedsoft: communication-efficient federated LoRA (SOFT, TSFA, sketching)."""

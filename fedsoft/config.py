@@ -1,0 +1,179 @@
+"""Run-config schema: defaults, presets from conf/, validation with clear messages."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run-config key has a bad value, or is unknown."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: default, type and the allowed range in words."""
+
+    default: Scalar
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""
+
+
+def _choice(*names: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+STRATEGIES = ("fedavg",)
+SPARSIFIERS = ("dense",)
+
+_SCHEMA: dict[str, Key] = {
+    "preset": Key("", None, "a name of a file in conf/ (without .toml) or empty"),
+    "num-server-rounds": Key(5, _non_negative, ">= 0"),
+    "clients-per-round": Key(2, _positive, ">= 1"),
+    "min-available-nodes": Key(1, _positive, ">= 1"),
+    "seed": Key(0, _non_negative, ">= 0"),
+    "model": Key("minilm-l6", None, "a model spec name"),
+    "dataset": Key("yahoo", None, "a dataset spec name"),
+    "max-train-examples": Key(4000, _non_negative, ">= 0 (0 = all)"),
+    "max-test-examples": Key(500, _non_negative, ">= 0 (0 = all)"),
+    "max-length": Key(64, _positive, ">= 1"),
+    "image-size": Key(224, _positive, ">= 1"),
+    "partitioner": Key("iid", *_choice("iid", "dirichlet", "shard")),
+    "dirichlet-alpha": Key(0.5, _positive, "> 0"),
+    "shards-per-client": Key(2, _positive, ">= 1"),
+    "lora-rank": Key(8, _positive, ">= 1"),
+    "lora-alpha": Key(16.0, _positive, "> 0"),
+    "lora-target-modules": Key("", None, "comma-separated module names"),
+    "lora-layers": Key("", None, "comma-separated non-negative block indices"),
+    "local-epochs": Key(1, _positive, ">= 1"),
+    "local-steps": Key(20, _non_negative, ">= 0 (0 = use local-epochs)"),
+    "batch-size": Key(16, _positive, ">= 1"),
+    "lr": Key(0.002, _positive, "> 0"),
+    "weight-decay": Key(0.01, _non_negative, ">= 0"),
+    "eval-batch-size": Key(64, _positive, ">= 1"),
+    "strategy": Key("fedavg", *_choice(*STRATEGIES)),
+    "sparsifier": Key("dense", *_choice(*SPARSIFIERS)),
+    "sparsity": Key(0.0, lambda v: 0 <= v < 1, "0 <= sparsity < 1"),
+    "zeta": Key(0.0, _non_negative, ">= 0"),
+    "device": Key("auto", *_choice("auto", "cpu", "cuda")),
+    "run-dir": Key("", None, "a path or empty"),
+    "round-timeout": Key(3600.0, _positive, "> 0 seconds"),
+}
+
+DEFAULTS: dict[str, Scalar] = {k: spec.default for k, spec in _SCHEMA.items()}
+
+
+def _coerce(key: str, value: Any) -> Scalar:
+    """Return ``value`` converted to the type of the key's default, or raise ConfigError."""
+    default = _SCHEMA[key].default
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"run-config key '{key}' = {value!r}: expected {type(default).__name__}"
+    )
+
+
+def validate(config: Mapping[str, Any]) -> dict[str, Scalar]:
+    """Check every key: unknown keys and out-of-range values raise ConfigError."""
+    unknown = sorted(set(config) - set(_SCHEMA))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key(s) {unknown}; known keys: {sorted(_SCHEMA)}"
+        )
+    out: dict[str, Scalar] = {}
+    for key, value in config.items():
+        value = _coerce(key, value)
+        spec = _SCHEMA[key]
+        if spec.check is not None and not spec.check(value):
+            raise ConfigError(f"run-config key '{key}' = {value!r}: must be {spec.allowed}")
+        out[key] = value
+    for key in ("lora-layers",):
+        _ = parse_int_list(str(out.get(key, "")), key)
+    return out
+
+
+def parse_list(value: str) -> list[str]:
+    """Split a comma-separated run-config string into its non-empty items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_int_list(value: str, key: str = "lora-layers") -> list[int]:
+    """Parse a comma-separated list of non-negative integers."""
+    items = parse_list(value)
+    try:
+        out = [int(item) for item in items]
+    except ValueError:
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r}: must be comma-separated integers"
+        ) from None
+    if any(i < 0 for i in out):
+        raise ConfigError(f"run-config key '{key}' = {value!r}: indices must be >= 0")
+    return out
+
+
+def load_preset(name: str, conf_dir: Path) -> dict[str, Scalar]:
+    """Read ``conf_dir/<name>.toml`` (flat TOML of run-config keys)."""
+    path = conf_dir / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in conf_dir.glob("*.toml"))
+        raise ConfigError(f"run-config key 'preset' = {name!r}: no file {path}; known: {known}")
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    if "preset" in data:
+        raise ConfigError(f"preset file {path} must not set 'preset' itself")
+    return validate(data)
+
+
+def resolve(run_config: Mapping[str, Any], conf_dir: Path | None = None) -> dict[str, Scalar]:
+    """Fuse defaults, the named preset and the user's overrides, then validate.
+
+    Precedence: DEFAULTS < ``conf/<preset>.toml`` < keys of ``run_config`` whose value differs
+    from the default. flwr fuses pyproject defaults with ``--run-config`` before the app sees
+    them, so an override that restates the default value cannot be told apart from no override:
+    the preset's value then wins. ``run_config`` may be empty (``run_simulation`` passes ``{}``).
+    """
+    given = validate(run_config)
+    merged = dict(DEFAULTS)
+    preset = str(given.get("preset", ""))
+    if preset:
+        if conf_dir is None:
+            raise ConfigError(f"run-config key 'preset' = {preset!r}: no conf/ directory given")
+        merged.update(load_preset(preset, conf_dir))
+    merged.update({k: v for k, v in given.items() if v != DEFAULTS[k]})
+    merged["preset"] = preset
+    return validate(merged)
+
+
+def split_message_config(values: Mapping[str, Any]) -> tuple[dict[str, Scalar], dict[str, Any]]:
+    """Split a train ConfigRecord into the validated run config and per-round extras
+    (``server-round``, per-node ratio, bandwidth share, ...)."""
+    run = {k: v for k, v in values.items() if k in _SCHEMA}
+    extras = {k: v for k, v in values.items() if k not in _SCHEMA}
+    missing = sorted(set(_SCHEMA) - set(run))
+    if missing:
+        raise ConfigError(f"train config from the server lacks run-config keys {missing}")
+    return validate(run), extras

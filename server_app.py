@@ -1,0 +1,65 @@
+"""fedsoft ServerApp: resolve the run config, build the strategy, run, log, save the adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedsoft import lora, workload
+from fedsoft.config import resolve
+from fedsoft.models import pick_device
+from fedsoft.runlog import RunLog, default_run_dir, progress_line
+from fedsoft.train import evaluate
+from strategies.factory import make_strategy
+from strategies.records import to_numpy, to_record
+
+APP_DIR = Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``num-server-rounds`` rounds with server-side evaluation after each."""
+    cfg = resolve(context.run_config, APP_DIR / "conf")
+    run_dir = cfg["run-dir"] or default_run_dir(str(cfg["strategy"]))
+    run = RunLog(run_dir, cfg)
+    num_rounds = int(cfg["num-server-rounds"])
+    print(f"[fedsoft] run dir: {run.dir}", flush=True)
+
+    work = workload.build_workload(cfg)
+    test = workload.test_loader(cfg, work)
+    device = pick_device(str(cfg["device"]))
+    strategy = make_strategy(cfg)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        lora.from_arrays(work.model, to_numpy(arrays))
+        loss, acc, _ = evaluate(work.model, test, device)
+        work.model.cpu()
+        stats = strategy.round_stats.get(server_round, {})
+        row = run.append({
+            "round": server_round,
+            "accuracy": acc,
+            "loss": loss,
+            "num_clients": int(stats.get("num_clients", 0)),
+            "uplink_bytes": int(stats.get("uplink_bytes", 0)),
+            **{k: v for k, v in stats.items() if k not in ("num_clients", "uplink_bytes", "sampled")},
+        })
+        print(progress_line(row, num_rounds), flush=True)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(lora.to_arrays(work.model)),
+        num_rounds=num_rounds,
+        timeout=float(cfg["round-timeout"]),
+        train_config=ConfigRecord(dict(cfg)),
+        evaluate_fn=evaluate_fn,
+    )
+    lora.from_arrays(work.model, to_numpy(result.arrays))
+    work.model.save_pretrained(str(run.dir / "adapter"))
+    print(f"[fedsoft] done: metrics {run.metrics_path}, adapter {run.dir / 'adapter'}", flush=True)

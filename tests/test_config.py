@@ -1,0 +1,56 @@
+"""Run config: pyproject table == schema defaults, presets valid, clear errors."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedsoft.config import DEFAULTS, ConfigError, resolve, split_message_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_match_schema():
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    assert table == DEFAULTS
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf").glob("*.toml")))
+def test_every_preset_resolves(preset):
+    cfg = resolve({**DEFAULTS, "preset": preset}, ROOT / "conf")
+    assert cfg["preset"] == preset
+
+
+def test_override_beats_preset_and_preset_beats_default():
+    cfg = resolve({**DEFAULTS, "preset": "ci", "lr": 0.5}, ROOT / "conf")
+    with (ROOT / "conf" / "ci.toml").open("rb") as fh:
+        ci = tomllib.load(fh)
+    assert cfg["lr"] == 0.5
+    assert cfg["num-server-rounds"] == ci["num-server-rounds"]
+    assert cfg["model"] == DEFAULTS["model"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lora-rank", 0), ("sparsity", 1.0), ("lr", -1.0), ("partitioner", "zipf"),
+     ("clients-per-round", 0), ("strategy", "magic"), ("lora-layers", "a,b"), ("seed", "x")],
+)
+def test_bad_values_name_key_and_value(key, value):
+    with pytest.raises(ConfigError) as err:
+        validate({key: value})
+    assert key in str(err.value) and str(value) in str(err.value)
+
+
+def test_unknown_key_and_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown run-config key"):
+        validate({"learning-rate": 0.1})
+    with pytest.raises(ConfigError, match="preset"):
+        resolve({"preset": "nope"}, ROOT / "conf")
+
+
+def test_message_config_round_trip():
+    cfg, extras = split_message_config({**DEFAULTS, "server-round": 3})
+    assert cfg == DEFAULTS and extras == {"server-round": 3}
+    with pytest.raises(ConfigError, match="lacks"):
+        split_message_config({"lr": 0.1})
