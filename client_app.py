@@ -13,20 +13,31 @@ from strategies.records import to_numpy, to_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+EF_KEY = "error-feedback"
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train from the received global LoRA state; reply with the update and metrics."""
+    """Train from the received global LoRA state; reply with the (sparse) update and metrics.
+
+    The error-feedback memory (eqs. 11-14) stays on this node in ``context.state`` across rounds.
+    """
     cfg, extras = split_message_config(dict(msg.content["config"]))
-    arrays, metrics = local_round(
+    ef_state = to_numpy(context.state[EF_KEY]) if EF_KEY in context.state else None
+    arrays, metrics, ef_new = local_round(
         cfg,
         to_numpy(msg.content["arrays"]),
         partition_id=int(context.node_config["partition-id"]),
         num_partitions=int(context.node_config["num-partitions"]),
         server_round=int(extras.get("server-round", 0)),
+        node_id=int(context.node_id),
+        sparsity=float(extras["sparsity-ratio"]) if "sparsity-ratio" in extras else None,
+        ef_state=ef_state,
     )
+    if ef_new is not None:
+        context.state[EF_KEY] = to_record(ef_new)
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -47,7 +47,8 @@ def main(grid: Grid, context: Context) -> None:
             "loss": loss,
             "num_clients": int(stats.get("num_clients", 0)),
             "uplink_bytes": int(stats.get("uplink_bytes", 0)),
-            **{k: v for k, v in stats.items() if k not in ("num_clients", "uplink_bytes", "sampled")},
+            **{k: v for k, v in stats.items()
+               if k not in ("num_clients", "uplink_bytes", "sampled")},
         })
         print(progress_line(row, num_rounds), flush=True)
         return MetricRecord({"accuracy": acc, "loss": loss})

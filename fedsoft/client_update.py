@@ -8,8 +8,27 @@ from typing import Any
 import numpy as np
 
 from fedsoft import lora, workload
+from fedsoft.error_feedback import ErrorFeedback
 from fedsoft.models import pick_device
+from fedsoft.sparse_update import SparseSettings, encode_update
 from fedsoft.train import train_local
+
+
+def sparse_settings(cfg: Mapping[str, Any], sparsity: float | None = None) -> SparseSettings:
+    """The compression settings of a run (``sparsity`` overrides the fixed ratio, e.g. TSFA's)."""
+    return SparseSettings(
+        sparsifier=str(cfg["sparsifier"]),
+        sparsity=float(cfg["sparsity"] if sparsity is None else sparsity),
+        target=str(cfg["sparsify-target"]),
+        dtype=str(cfg["wire-dtype"]),
+        split=str(cfg["soft-split"]),
+        seed=int(cfg["seed"]),
+    )
+
+
+def ef_signature(cfg: Mapping[str, Any], settings: SparseSettings) -> str:
+    """Error memory is reset when the model, rank or compression layout changes."""
+    return f"{cfg['model']}|r={cfg['lora-rank']}|{settings.signature}"
 
 
 def local_round(
@@ -18,11 +37,17 @@ def local_round(
     partition_id: int,
     num_partitions: int,
     server_round: int,
-) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
+    *,
+    node_id: int = 0,
+    sparsity: float | None = None,
+    ef_state: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, np.ndarray] | None]:
     """Train on this node's partition starting from the global LoRA factors and head.
 
-    Returns the reply arrays (dense: every factor and head parameter) and scalar metrics;
-    ``num-examples`` is the partition size, the data share p_i of eq. (3)/(5).
+    Returns the reply arrays, scalar metrics and the new error-feedback state. With
+    ``sparsifier = dense`` the reply is every factor and head parameter (ideal LoRA) and there is
+    no error memory; otherwise it is the wire payload of :func:`encode_update` (eqs. 10-14).
+    ``num-examples`` is the partition size, the data share p_i of eqs. (3)/(5).
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id = {partition_id}: must be in [0, {num_partitions})")
@@ -46,4 +71,15 @@ def local_round(
         "orth-loss": float(result.orth_loss),
         "steps": int(result.steps),
     }
-    return lora.to_arrays(work.model), metrics
+    local_arrays = lora.to_arrays(work.model)
+    if str(cfg["sparsifier"]) == "dense":
+        return local_arrays, metrics, None
+    settings = sparse_settings(cfg, sparsity)
+    signature = ef_signature(cfg, settings)
+    ef = ErrorFeedback.from_arrays(ef_state or {}, signature)
+    payload, info = encode_update(global_arrays, local_arrays, settings, ef,
+                                  server_round=server_round, node_id=node_id)
+    metrics["sparsity-ratio"] = settings.sparsity
+    metrics["ef-reset"] = int(ef.reset_reason is not None)
+    metrics.update({k.replace("_", "-"): float(v) for k, v in info.items()})
+    return payload, metrics, ef.to_arrays()

@@ -37,7 +37,7 @@ def _non_negative(v: Any) -> bool:
 
 
 STRATEGIES = ("fedavg",)
-SPARSIFIERS = ("dense",)
+SPARSIFIERS = ("dense", "soft", "flasc", "rlora", "hetlora", "fedlodrop", "svd")
 
 _SCHEMA: dict[str, Key] = {
     "preset": Key("", None, "a name of a file in conf/ (without .toml) or empty"),
@@ -67,6 +67,9 @@ _SCHEMA: dict[str, Key] = {
     "strategy": Key("fedavg", *_choice(*STRATEGIES)),
     "sparsifier": Key("dense", *_choice(*SPARSIFIERS)),
     "sparsity": Key(0.0, lambda v: 0 <= v < 1, "0 <= sparsity < 1"),
+    "sparsify-target": Key("update", *_choice("update", "factors")),
+    "wire-dtype": Key("float32", *_choice("float32", "float16")),
+    "soft-split": Key("joint", *_choice("joint", "ab")),
     "zeta": Key(0.0, _non_negative, ">= 0"),
     "device": Key("auto", *_choice("auto", "cpu", "cuda")),
     "run-dir": Key("", None, "a path or empty"),
@@ -165,7 +168,13 @@ def resolve(run_config: Mapping[str, Any], conf_dir: Path | None = None) -> dict
         merged.update(load_preset(preset, conf_dir))
     merged.update({k: v for k, v in given.items() if v != DEFAULTS[k]})
     merged["preset"] = preset
-    return validate(merged)
+    out = validate(merged)
+    if out["sparsifier"] == "dense" and out["sparsity"] > 0:
+        raise ConfigError(
+            f"run-config key 'sparsity' = {out['sparsity']!r} with sparsifier = 'dense': dense "
+            "LoRA sends every entry; set sparsity = 0 or choose a sparsifier"
+        )
+    return out
 
 
 def split_message_config(values: Mapping[str, Any]) -> tuple[dict[str, Scalar], dict[str, Any]]:

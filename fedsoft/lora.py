@@ -84,7 +84,9 @@ def trainable_factors(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def set_factors(model: torch.nn.Module, factors: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+def set_factors(
+    model: torch.nn.Module, factors: list[tuple[str, torch.Tensor, torch.Tensor]]
+) -> None:
     """Write ``(name, A, B)`` back; names, order and shapes must match the model."""
     layers = lora_modules(model)
     if [n for n, _ in layers] != [n for n, _, _ in factors]:
@@ -126,7 +128,7 @@ def check_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> No
 
 @torch.no_grad()
 def from_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Load arrays produced by :func:`to_arrays` (validated first; the model is untouched on error)."""
+    """Load arrays from :func:`to_arrays`; validated first, the model is untouched on error."""
     check_arrays(model, arrays)
     factors = [
         (name, torch.from_numpy(np.asarray(arrays[name + A_SUFFIX], dtype=np.float32)),

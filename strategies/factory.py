@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedsoft.client_update import sparse_settings
 from strategies.lora_fedavg import LoRAFedAvg
+from strategies.sparse_fedavg import SparseLoRAFedAvg
 
 
 def make_strategy(cfg: Mapping[str, Any]) -> LoRAFedAvg:
-    """``strategy`` key -> strategy instance (config already validated)."""
+    """``strategy`` + ``sparsifier`` keys -> strategy instance (config already validated)."""
     name = str(cfg["strategy"])
     common = dict(
         clients_per_round=int(cfg["clients-per-round"]),
@@ -17,5 +19,7 @@ def make_strategy(cfg: Mapping[str, Any]) -> LoRAFedAvg:
         seed=int(cfg["seed"]),
     )
     if name == "fedavg":
-        return LoRAFedAvg(**common)
+        if str(cfg["sparsifier"]) == "dense":
+            return LoRAFedAvg(**common)
+        return SparseLoRAFedAvg(settings=sparse_settings(cfg), **common)
     raise ValueError(f"strategy = {name!r}: not available")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -162,7 +162,9 @@ class LoRAFedAvg(FedAvg):
         """Evaluation is centralised on the server's held-out split: no client messages."""
         return []
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         return None
 
     def summary(self) -> None:

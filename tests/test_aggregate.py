@@ -13,7 +13,8 @@ def test_weighted_average_matches_manual_sum():
     w = [10.0, 30.0, 60.0]
     out = weighted_average(arrays, w)
     for key in ("a", "b"):
-        manual = sum(wi / sum(w) * a[key].astype(np.float64) for wi, a in zip(w, arrays, strict=True))
+        manual = sum(wi / sum(w) * a[key].astype(np.float64)
+                     for wi, a in zip(w, arrays, strict=True))
         np.testing.assert_allclose(out[key], manual, rtol=1e-6)
     same = weighted_average([arrays[0]] * 3, w)
     np.testing.assert_allclose(same["a"], arrays[0]["a"], rtol=1e-6)

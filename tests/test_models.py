@@ -71,7 +71,8 @@ def test_bad_targets_name_the_field(tiny_dir):
 
 def test_forward_changes_only_after_lora_update(tiny_dir):
     model = build_model(get_spec("minilm-l6"), 4, 4, 8.0, source=tiny_dir("bert"))
-    x = {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    x = {"input_ids": torch.randint(0, 100, (2, 7)),
+         "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     before = model(**x).logits.detach()
     with torch.no_grad():
         model.base_model.model.bert.encoder.layer[0].attention.self.query.lora_B["default"].weight.add_(1.0)

@@ -1,0 +1,63 @@
+"""Run `flwr run` against an isolated local SuperLink and always stop it afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env.update(
+        PATH=bindir + os.pathsep + env.get("PATH", ""),
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+    )
+    return env
+
+
+def stop_superlink(home: Path) -> None:
+    """Kill the detached local SuperLink (and its children) started for ``home``, by PID."""
+    out = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True,
+                         text=True)
+    for pid in (int(p) for p in out.stdout.split()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    time.sleep(1.0)
+
+
+def flwr_run(home: Path, run_config: str, num_supernodes: int = 2,
+             timeout: float = 900.0) -> subprocess.CompletedProcess:
+    """``flwr run . --run-config ... --stream`` with ``num_supernodes`` simulated nodes."""
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT),
+           "--run-config", run_config,
+           "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+           "--stream"]
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=flwr_env(home), capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        stop_superlink(home)
