@@ -1,0 +1,494 @@
+"""TSFA online stage of paper A: virtual queue, per-round P3, bandwidth shares (eqs. 30-41)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+
+from fedsoft.bound import BoundConstants
+from fedsoft.channel import ChannelConfig, round_delay, spectral_efficiency
+from fedsoft.offline import OfflineResult
+
+__all__ = [
+    "P3SolverError",
+    "VirtualQueue",
+    "bandwidth_shares",
+    "round_latency",
+    "p3_objective",
+    "solve_p3_bisection",
+    "solve_p3_closed_form",
+    "solve_p3_cvxpy",
+    "P3Problem",
+    "Decision",
+    "TSFAController",
+    "OSFAController",
+]
+
+Solver = Literal["cvxpy", "bisection", "closed_form"]
+
+
+class P3SolverError(RuntimeError):
+    """Raised when the convex solver does not return an optimal solution of P3."""
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def _nonneg(name: str, value: object) -> float:
+    out = _real(name, value)
+    if out < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return out
+
+
+def _positive(name: str, value: object) -> float:
+    out = _real(name, value)
+    if out <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return out
+
+
+def _pos_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _rho_range(rho_min: object, rho_max: object) -> tuple[float, float]:
+    lo = _real("rho_min", rho_min)
+    hi = _real("rho_max", rho_max)
+    if not 0.0 <= lo < 1.0:
+        raise ValueError(f"rho_min must lie in [0, 1), got {rho_min!r}")
+    if not lo <= hi < 1.0:
+        raise ValueError(f"rho_max must lie in [rho_min={lo!r}, 1), got {rho_max!r}")
+    return lo, hi
+
+
+class VirtualQueue:
+    """Latency virtual queue of eq. (30): Q(t+1) = max{Q(t) + T^t - T_bar, 0}, Q(0) = q0."""
+
+    def __init__(self, T_bar: float, initial: float = 0.0) -> None:
+        self.T_bar = _positive("T_bar", T_bar)
+        self._q = _nonneg("initial", initial)
+
+    @property
+    def value(self) -> float:
+        """Current backlog Q(t) in seconds."""
+        return self._q
+
+    def update(self, latency: float) -> float:
+        """Apply eq. (30) with the realised round latency T^t (s); returns Q(t+1)."""
+        t = _nonneg("latency", latency)
+        self._q = max(self._q + t - self.T_bar, 0.0)
+        return self._q
+
+
+def bandwidth_shares(spectral_eff: object) -> np.ndarray:
+    """Eq. (41): b_i = (1/Gamma_i) / sum_j (1/Gamma_j) over the scheduled clients.
+
+    Equalises the delays (eq. 6) of clients with the same payload and sums to 1 (eq. 39c).
+    """
+    g = np.asarray(spectral_eff, dtype=np.float64)
+    if g.ndim != 1 or g.size == 0:
+        raise ValueError(f"spectral_eff must be a non-empty 1-D array, got shape {g.shape}")
+    if not np.all(np.isfinite(g)) or np.any(g <= 0.0):
+        raise ValueError(f"spectral_eff must be finite and > 0, got {spectral_eff!r}")
+    inv = 1.0 / g
+    return inv / inv.sum()
+
+
+def round_latency(
+    rho: float, r: int, d_plus_k_total: int, q: int, S: float, B_tot: float
+) -> float:
+    """Equalised round delay under eq. (41): T^t(rho) = (1 - rho) r (d+k) q S^t / B_tot (eq. 39).
+
+    ``S`` is S^t = sum_{j in K^t} 1/Gamma_j^t; ``d_plus_k_total`` = sum over layers of d + k.
+    """
+    rh = _real("rho", rho)
+    if not 0.0 <= rh <= 1.0:
+        raise ValueError(f"rho must lie in [0, 1], got {rho!r}")
+    scale = (
+        _pos_int("r", r) * _pos_int("d_plus_k_total", d_plus_k_total) * _pos_int("q", q)
+        * _positive("S", S) / _positive("B_tot", B_tot)
+    )
+    return (1.0 - rh) * scale
+
+
+def p3_objective(
+    rho: object, bound: BoundConstants, rank: int, V: float, Q: float, latency_scale: float
+) -> np.ndarray | float:
+    """Objective (39a): V Phi(r, rho) + Q (1 - rho) c with c = r (d+k) q S^t / B_tot."""
+    rho_arr = np.asarray(rho, dtype=np.float64)
+    return V * bound.value(rank, rho) + Q * (1.0 - rho_arr) * latency_scale
+
+
+def _p3_args(
+    bound: BoundConstants, V: object, Q: object, latency_scale: object, rho_min: object,
+    rho_max: object,
+) -> tuple[float, float, float, float]:
+    if not isinstance(bound, BoundConstants):
+        raise TypeError(f"bound must be a BoundConstants, got {type(bound).__name__}")
+    v = _nonneg("V", V)
+    qq = _nonneg("Q", Q)
+    c = _nonneg("latency_scale", latency_scale)
+    lo, hi = _rho_range(rho_min, rho_max)
+    return v * bound.kappa_E, qq * c, lo, hi
+
+
+def solve_p3_bisection(
+    bound: BoundConstants,
+    V: float,
+    Q: float,
+    latency_scale: float,
+    rho_min: float,
+    rho_max: float,
+    tol: float = 1e-13,
+) -> float:
+    """Solve P3 (39) by bisection on the first-order condition (A.11).
+
+    The objective V Phi + Q (1-rho) c is convex (eq. 40), so its minimiser on [rho_min, rho_max]
+    is the root of V dPhi/drho = Q c projected onto the interval; Q = 0 gives rho_min.
+    """
+    a, lam, lo, hi = _p3_args(bound, V, Q, latency_scale, rho_min, rho_max)
+    if lam <= 0.0 or hi == lo:
+        return lo
+    if a <= 0.0:
+        return hi
+
+    p = bound.p
+
+    def grad(x: float) -> float:  # V dPhi/drho - Q c, scalar fast path of sparsification_term
+        om = 1.0 - x
+        f1 = (1.0 + x) / (om * om * om)
+        return a * (f1 if p == 1 else 2.0 * (x / (om * om)) * f1) - lam
+
+    if grad(lo) >= 0.0:
+        return lo
+    if grad(hi) <= 0.0:
+        return hi
+    left, right = lo, hi
+    while right - left > tol:
+        mid = 0.5 * (left + right)
+        if grad(mid) > 0.0:
+            right = mid
+        else:
+            left = mid
+    return 0.5 * (left + right)
+
+
+def solve_p3_closed_form(
+    bound: BoundConstants,
+    V: float,
+    Q: float,
+    latency_scale: float,
+    rho_min: float,
+    rho_max: float,
+) -> float:
+    """Closed-form P3 (39) for p = 1: root of (1+rho)/(1-rho)^3 = Q c / (V kappa_E), projected.
+
+    With x = 1 - rho the condition is the cubic m x^3 + x - 2 = 0 (m = Q c / (V kappa_E)),
+    which has one real root (Cardano); two Newton steps polish it to machine precision.
+    """
+    if bound.p != 1:
+        raise ValueError(f"closed-form P3 needs bound.p == 1, got {bound.p!r}")
+    a, lam, lo, hi = _p3_args(bound, V, Q, latency_scale, rho_min, rho_max)
+    if lam <= 0.0 or hi == lo:
+        return lo
+    if a <= 0.0:
+        return hi
+    m = lam / a
+    pp, qq = 1.0 / m, -2.0 / m
+    disc = math.sqrt((qq / 2.0) ** 2 + (pp / 3.0) ** 3)
+    x = math.cbrt(-qq / 2.0 + disc) + math.cbrt(-qq / 2.0 - disc)
+    for _ in range(2):
+        x -= (m * x**3 + x - 2.0) / (3.0 * m * x * x + 1.0)
+    return min(max(1.0 - x, lo), hi)
+
+
+class P3Problem:
+    """P3 (39) as a DCP/DPP cvxpy problem built once and re-solved with new parameters.
+
+    With w = 1/(1-rho) = inv_pos(1-rho): rho/(1-rho)^2 = w^2 - w = (w - 1/2)^2 - 1/4. An epigraph
+    variable s >= w - 1/2, s >= 0 gives the DCP form min a s^2 - lam rho (p = 1); since w >= 1,
+    s = w - 1/2 at the optimum. For p = 2, (rho/(1-rho)^2)^2 = (s^2 - 1/4)^2 and a second
+    epigraph u >= s^2 - 1/4, u >= 0 gives min a u^2 - lam rho (the objective increases in u and
+    u >= s^2 - 1/4 >= 0, so u = s^2 - 1/4 at the optimum). Here a = V kappa_E and lam = Q c,
+    both divided by a + lam for conditioning (the minimiser is unchanged).
+
+    Default solver: SCS with eps_abs = eps_rel = ``eps`` (agrees with bisection to ~1e-10 in rho).
+    Clarabel is supported but its interior-point stop leaves |rho - rho*| ~ 1e-6 even at 1e-10
+    tolerances (and reports 'inaccurate' at 1e-12), so it is not the default.
+    """
+
+    def __init__(self, p: int = 1, solver: str | None = None, eps: float = 1e-10) -> None:
+        if isinstance(p, bool) or p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p!r}")
+        import cvxpy as cp  # lazy: keeps `import fedsoft.online` light for the bisection path
+
+        self._cp = cp
+        self.p = p
+        self.rho = cp.Variable(name="rho")
+        s = cp.Variable(nonneg=True, name="s")
+        self.a = cp.Parameter(nonneg=True, name="a")
+        self.lam = cp.Parameter(nonneg=True, name="lam")
+        self.lo = cp.Parameter(name="rho_min")
+        self.hi = cp.Parameter(name="rho_max")
+        cons = [s >= cp.inv_pos(1.0 - self.rho) - 0.5, self.rho >= self.lo, self.rho <= self.hi]
+        if p == 1:
+            penalty = cp.square(s)
+        else:
+            u = cp.Variable(nonneg=True, name="u")
+            cons.append(u >= cp.square(s) - 0.25)
+            penalty = cp.square(u)
+        self.problem = cp.Problem(cp.Minimize(self.a * penalty - self.lam * self.rho), cons)
+        if not self.problem.is_dcp(dpp=True):
+            raise AssertionError("P3 formulation is not DPP")  # pragma: no cover
+        installed = cp.installed_solvers()
+        self.solver = solver or ("SCS" if "SCS" in installed else None)
+        self.solver_opts: dict[str, float] = {}
+        if self.solver == "SCS":
+            self.solver_opts = {"eps_abs": eps, "eps_rel": eps, "max_iters": 200_000}
+        elif self.solver == "CLARABEL":
+            self.solver_opts = {
+                "tol_gap_abs": eps, "tol_gap_rel": eps, "tol_feas": eps, "tol_ktratio": eps
+            }
+
+    def solve(self, a: float, lam: float, rho_min: float, rho_max: float) -> float:
+        """Minimiser of a (rho/(1-rho)^2)^p - lam rho on [rho_min, rho_max]."""
+        cp = self._cp
+        tot = a + lam
+        self.a.value, self.lam.value = a / tot, lam / tot
+        self.lo.value, self.hi.value = rho_min, rho_max
+        try:
+            self.problem.solve(solver=self.solver, **self.solver_opts)
+        except cp.error.SolverError as exc:
+            raise P3SolverError(f"cvxpy failed on P3 (a={a!r}, lam={lam!r}): {exc}") from exc
+        if self.problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.rho.value is None:
+            raise P3SolverError(
+                f"cvxpy status {self.problem.status!r} on P3 (a={a!r}, lam={lam!r})"
+            )
+        return float(min(max(float(self.rho.value), rho_min), rho_max))
+
+
+@lru_cache(maxsize=8)
+def _cached_problem(p: int, solver: str | None) -> P3Problem:
+    return P3Problem(p, solver)
+
+
+def solve_p3_cvxpy(
+    bound: BoundConstants,
+    V: float,
+    Q: float,
+    latency_scale: float,
+    rho_min: float,
+    rho_max: float,
+    solver: str | None = None,
+) -> float:
+    """Solve P3 (39) with cvxpy (DCP form of ``P3Problem``, cached per (p, solver)).
+
+    ``latency_scale`` is c = r (d+k) q S^t / B_tot so that T^t(rho) = (1 - rho) c. Q = 0 gives
+    rho_min (and so does a degenerate interval); V kappa_E = 0 with Q > 0 gives rho_max.
+    """
+    a, lam, lo, hi = _p3_args(bound, V, Q, latency_scale, rho_min, rho_max)
+    if lam <= 0.0 or hi == lo:
+        return lo
+    if a <= 0.0:
+        return hi
+    return _cached_problem(bound.p, solver).solve(a, lam, lo, hi)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Per-round output of the online stage (A.11 'one TSFA round')."""
+
+    round: int
+    rho: float
+    shares: np.ndarray
+    spectral_eff: np.ndarray
+    inv_gamma_sum: float
+    model_latency: float
+    predicted_latency: float
+    payload_bits: float | np.ndarray
+    queue: float
+    objective: float
+
+
+@dataclass
+class _History:
+    rho: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    queue: list[float] = field(default_factory=list)
+
+
+class TSFAController:
+    """Online stage of TSFA (eqs. 30-41) at a rank fixed before training.
+
+    Each round: ``step(gains)`` solves P3 (39) for rho^t given Q(t) and the observed CSI of the
+    scheduled clients and returns eq.-(41) bandwidth shares; ``observe(T^t)`` updates the virtual
+    queue (30) with the realised latency. Q(0) = 0, so round 0 uses rho_min.
+
+    Args:
+        rank: r* from the offline stage (``from_offline``) or a user-fixed rank (OSFA).
+        bound: surrogate constants of Phi (A.8); only kappa_E and p shape rho^t.
+        V: Lyapunov penalty weight (eq. 33), >= 0.
+        T_bar: average-latency budget in s (eq. 24c).
+        d_plus_k_total: sum over adapted layers of d_l + k_l (payload r (d+k) q).
+        channel: ``ChannelConfig`` supplying P, sigma^2, B_tot and q.
+        rho_min, rho_max: bounds of rho (eq. 39b with a practical cap rho_max < 1).
+        solver: "cvxpy" (default), "bisection" or "closed_form" (p = 1 only).
+    """
+
+    mode: str = "tsfa"
+
+    def __init__(
+        self,
+        rank: int,
+        bound: BoundConstants,
+        *,
+        V: float,
+        T_bar: float,
+        d_plus_k_total: int,
+        channel: ChannelConfig,
+        rho_min: float = 0.0,
+        rho_max: float = 0.99,
+        solver: Solver = "cvxpy",
+    ) -> None:
+        if not isinstance(bound, BoundConstants):
+            raise TypeError(f"bound must be a BoundConstants, got {type(bound).__name__}")
+        if not isinstance(channel, ChannelConfig):
+            raise TypeError(f"channel must be a ChannelConfig, got {type(channel).__name__}")
+        if solver not in ("cvxpy", "bisection", "closed_form"):
+            raise ValueError(
+                f"solver must be 'cvxpy', 'bisection' or 'closed_form', got {solver!r}"
+            )
+        if solver == "closed_form" and bound.p != 1:
+            raise ValueError(f"solver='closed_form' needs bound.p == 1, got p={bound.p!r}")
+        self.rank = _pos_int("rank", rank)
+        self.bound = bound
+        self.V = _nonneg("V", V)
+        self.queue = VirtualQueue(T_bar)
+        self.T_bar = self.queue.T_bar
+        self.d_plus_k_total = _pos_int("d_plus_k_total", d_plus_k_total)
+        self.channel = channel
+        self.rho_min, self.rho_max = _rho_range(rho_min, rho_max)
+        self.solver = solver
+        self.history = _History()
+        self._pending: Decision | None = None
+        self._round = 0
+        self._latency_sum = 0.0
+        self._rho_sum = 0.0
+
+    @classmethod
+    def from_offline(
+        cls, result: OfflineResult, bound: BoundConstants, **kwargs: object
+    ) -> TSFAController:
+        """Controller at the offline stage's rank r* (T_bar defaults to the offline budget)."""
+        kwargs.setdefault("T_bar", result.T_bar)
+        return cls(result.r_star, bound, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def backlog(self) -> float:
+        """Current virtual-queue value Q(t)."""
+        return self.queue.value
+
+    @property
+    def rounds(self) -> int:
+        """Number of observed rounds."""
+        return self._round
+
+    @property
+    def average_latency(self) -> float:
+        """Running time-average of the realised latencies passed to ``observe`` (eq. 24c)."""
+        return self._latency_sum / self._round if self._round else 0.0
+
+    @property
+    def average_rho(self) -> float:
+        """Running time-average of the chosen rho^t over observed rounds."""
+        return self._rho_sum / self._round if self._round else 0.0
+
+    def latency_scale(self, inv_gamma_sum: float) -> float:
+        """c = r (d+k) q S^t / B_tot, so the model latency is T^t = (1 - rho) c (eq. 39)."""
+        return round_latency(
+            0.0, self.rank, self.d_plus_k_total, self.channel.bits_per_value, inv_gamma_sum,
+            self.channel.bandwidth_hz,
+        )
+
+    def _solve(self, c: float) -> float:
+        args = (self.bound, self.V, self.queue.value, c, self.rho_min, self.rho_max)
+        if self.solver == "cvxpy":
+            return solve_p3_cvxpy(*args)
+        if self.solver == "closed_form":
+            return solve_p3_closed_form(*args)
+        return solve_p3_bisection(*args)
+
+    def step(
+        self,
+        gains: object,
+        payload_bits_fn: Callable[[float], float | np.ndarray] | None = None,
+    ) -> Decision:
+        """Decide rho^t (P3, eq. 39) and shares b^t (eq. 41) from scheduled clients' gains h_i^t.
+
+        ``payload_bits_fn`` maps rho to the real wire payload in bits (scalar, or one value per
+        scheduled client); the predicted latency then uses it with eq. (6). P3 itself uses the
+        linear model (1 - rho) r (d+k) q. Call ``observe`` before the next ``step``.
+        """
+        if self._pending is not None:
+            raise RuntimeError("observe() must be called after each step() before the next step()")
+        h = np.asarray(gains, dtype=np.float64)
+        if h.ndim != 1 or h.size == 0:
+            raise ValueError(f"gains must be a non-empty 1-D array, got shape {h.shape}")
+        gam = spectral_efficiency(h, self.channel.tx_power_w, self.channel.noise_w)
+        if np.any(gam <= 0.0):
+            raise ValueError(f"gains must be > 0 for every scheduled client, got {gains!r}")
+        s = float(np.sum(1.0 / gam))
+        c = self.latency_scale(s)
+        rho = self._solve(c)
+        shares = bandwidth_shares(gam)
+        model_t = (1.0 - rho) * c
+        if payload_bits_fn is None:
+            bits: float | np.ndarray = (1.0 - rho) * self.rank * self.d_plus_k_total * (
+                self.channel.bits_per_value
+            )
+            predicted = model_t
+        else:
+            raw = payload_bits_fn(rho)
+            bits = float(raw) if np.ndim(raw) == 0 else np.asarray(raw, dtype=np.float64)
+            predicted = round_delay(bits, shares, gam, self.channel.bandwidth_hz)
+        q_now = self.queue.value
+        obj = float(p3_objective(rho, self.bound, self.rank, self.V, q_now, c))
+        self._pending = Decision(
+            self._round, rho, shares, gam, s, model_t, predicted, bits, q_now, obj
+        )
+        return self._pending
+
+    def observe(self, latency: float | None = None) -> float:
+        """Update Q with the realised round latency (eq. 30); None uses the predicted one."""
+        if self._pending is None:
+            raise RuntimeError("observe() called without a preceding step()")
+        t = self._pending.predicted_latency if latency is None else _nonneg("latency", latency)
+        q_next = self.queue.update(t)
+        self.history.rho.append(self._pending.rho)
+        self.history.latency.append(t)
+        self.history.queue.append(q_next)
+        self._latency_sum += t
+        self._rho_sum += self._pending.rho
+        self._round += 1
+        self._pending = None
+        return q_next
+
+
+class OSFAController(TSFAController):
+    """One-stage baseline (Sec. V-B): the same online stage at a user-fixed rank, no offline."""
+
+    mode = "osfa"

@@ -1,0 +1,398 @@
+"""Tests of the TSFA controller: bound surrogate, offline and online Lyapunov stages (paper A)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsoft.bound import BoundConstants, sparsification_term
+from fedsoft.channel import Channel, ChannelConfig, fdma_delays, spectral_efficiency
+from fedsoft.offline import (
+    InfeasibleLatencyError,
+    calibrate,
+    choose_rank,
+    choose_rank_for_channel,
+    nominal_inv_gamma_sum,
+    rho_star,
+)
+from fedsoft.online import (
+    OSFAController,
+    TSFAController,
+    VirtualQueue,
+    bandwidth_shares,
+    p3_objective,
+    round_latency,
+    solve_p3_bisection,
+    solve_p3_closed_form,
+    solve_p3_cvxpy,
+)
+
+DK = 12_288  # sum of d + k over 8 adapted 768x768 matrices
+CFG = ChannelConfig()
+N_ROUNDS = 2000
+K = 10
+
+
+# ----------------------------------------------------------------------------- bound (A.8)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_bound_derivatives_match_finite_differences(p: int) -> None:
+    b = BoundConstants(kappa_E=2.5, p=p)
+    rho = np.linspace(0.01, 0.95, 40)
+    h = 1e-6
+    fd1 = (b.value(3, rho + h) - b.value(3, rho - h)) / (2 * h)
+    np.testing.assert_allclose(b.d_rho(rho), fd1, rtol=1e-5)
+    fd2 = (b.d_rho(rho + h) - b.d_rho(rho - h)) / (2 * h)
+    np.testing.assert_allclose(b.d2_rho(rho), fd2, rtol=1e-5)
+    assert np.all(b.d2_rho(rho) > 0)
+
+
+def test_bound_terms_and_sigma_per_rank() -> None:
+    sig = np.array([3.0, 2.0, 1.0, 0.5])
+    b = BoundConstants(kappa_R=1.5, kappa_S=0.2, kappa_C=0.1, kappa_E=2.0, r_star_ideal=6,
+                       sigma_bar=sig, sigma_max=4.0)
+    for r in range(1, 5):
+        expect = 1.5 * (6 - r) * sig[r - 1] ** 2 + 0.2 + 0.1 * r * 16.0 + 2.0 * 0.3 / 0.7**2
+        assert b.value(r, 0.3) == pytest.approx(expect, rel=1e-12)
+    with pytest.raises(ValueError, match="rank=5"):
+        b.value(5, 0.3)
+    scalar = BoundConstants(sigma_bar=2.0, r_star_ideal=4)
+    assert scalar.rank_terms(9) == pytest.approx(scalar.kappa_C * 9 * scalar.sigma_max**2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("kappa_E", -1.0), ("kappa_R", float("nan")), ("p", 3), ("sigma_bar", [1.0, -2.0]),
+     ("r_star_ideal", 0.5), ("sigma_max", float("inf"))],
+)
+def test_bound_bad_values_name_field(field: str, value: object) -> None:
+    with pytest.raises((ValueError, TypeError), match=field):
+        BoundConstants(**{field: value})
+
+
+def test_sparsification_term_rejects_rho_out_of_range() -> None:
+    with pytest.raises(ValueError, match="rho"):
+        sparsification_term(1.0)
+
+
+# ------------------------------------------------------------------------- shares (eq. 41)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(1e-14, 1e-5), min_size=1, max_size=20), st.floats(1e3, 1e8))
+def test_bandwidth_shares_sum_to_one_and_equalise(gains: list[float], bits: float) -> None:
+    gam = spectral_efficiency(np.array(gains), CFG.tx_power_w, CFG.noise_w)
+    b = bandwidth_shares(gam)
+    assert abs(b.sum() - 1.0) < 1e-12
+    d = fdma_delays(bits, b, gam, CFG.bandwidth_hz)
+    assert (d.max() - d.min()) / d.max() < 1e-9
+    # the equalised delay is the model latency of eq. (39): bits * S / B_tot
+    assert d.max() == pytest.approx(bits * np.sum(1 / gam) / CFG.bandwidth_hz, rel=1e-9)
+
+
+def test_bandwidth_shares_bad_input() -> None:
+    with pytest.raises(ValueError, match="spectral_eff"):
+        bandwidth_shares(np.array([1.0, 0.0]))
+
+
+# ----------------------------------------------------------------------------- P3 (39)-(40)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize(("V", "Q", "c"), [(1.0, 3.0, 2.0), (50.0, 0.1, 7.0), (0.2, 40.0, 0.3)])
+def test_p3_objective_convex(p: int, V: float, Q: float, c: float) -> None:
+    b = BoundConstants(kappa_E=1.3, p=p)
+    grid = np.linspace(0.0, 0.99, 500)
+    f = p3_objective(grid, b, 4, V, Q, c)
+    second = f[2:] - 2 * f[1:-1] + f[:-2]
+    assert np.all(second > 0)
+
+
+def _random_p3_cases(seed: int, n: int) -> list[tuple[float, float, float, float, float]]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        lo = float(rng.choice([0.0, rng.uniform(0.0, 0.5)]))
+        hi = float(rng.choice([0.99, rng.uniform(lo + 0.01, 0.999)]))
+        cases.append((float(np.exp(rng.uniform(-3, 6))), float(np.exp(rng.uniform(-4, 6))),
+                      float(np.exp(rng.uniform(-3, 2))), lo, hi))
+    return cases
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_cvxpy_and_bisection_agree(p: int) -> None:
+    b = BoundConstants(kappa_E=0.7, p=p)
+    for V, Q, c, lo, hi in _random_p3_cases(p, 25):
+        x_bis = solve_p3_bisection(b, V, Q, c, lo, hi)
+        x_cvx = solve_p3_cvxpy(b, V, Q, c, lo, hi)
+        assert abs(x_bis - x_cvx) <= 1e-6
+        assert lo <= x_bis <= hi
+        if p == 1:
+            assert abs(solve_p3_closed_form(b, V, Q, c, lo, hi) - x_bis) <= 1e-9
+        # optimality: no grid point of the feasible interval does better
+        grid = np.linspace(lo, hi, 2001)
+        assert p3_objective(x_bis, b, 2, V, Q, c) <= p3_objective(grid, b, 2, V, Q, c).min() + 1e-12
+
+
+@pytest.mark.parametrize("solver", [solve_p3_bisection, solve_p3_cvxpy, solve_p3_closed_form])
+def test_zero_queue_gives_rho_min(solver: object) -> None:
+    b = BoundConstants()
+    assert solver(b, 10.0, 0.0, 5.0, 0.2, 0.95) == 0.2  # type: ignore[operator]
+
+
+def test_p3_bad_input() -> None:
+    b = BoundConstants()
+    with pytest.raises(ValueError, match="rho_max"):
+        solve_p3_bisection(b, 1.0, 1.0, 1.0, 0.5, 0.2)
+    with pytest.raises(ValueError, match="V"):
+        solve_p3_cvxpy(b, -1.0, 1.0, 1.0, 0.0, 0.9)
+    with pytest.raises(ValueError, match="Q"):
+        solve_p3_bisection(b, 1.0, float("nan"), 1.0, 0.0, 0.9)
+
+
+def test_virtual_queue_eq30() -> None:
+    q = VirtualQueue(T_bar=2.0)
+    assert q.update(3.5) == pytest.approx(1.5)
+    assert q.update(1.0) == pytest.approx(0.5)
+    assert q.update(0.0) == 0.0
+    with pytest.raises(ValueError, match="latency"):
+        q.update(-1.0)
+    with pytest.raises(ValueError, match="T_bar"):
+        VirtualQueue(0.0)
+
+
+def test_round_latency_model() -> None:
+    expected = 0.75 * 4 * 100 * 32 * 0.5 / 1e6
+    assert round_latency(0.25, 4, 100, 32, 0.5, 1e6) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------- offline (25)-(29)
+
+
+def _offline_kwargs(T_bar: float, s: float = 0.5) -> dict[str, float | int]:
+    return dict(d_plus_k_total=DK, q=32, T_bar=T_bar, bandwidth_hz=1e6, inv_gamma_sum=s)
+
+
+def _brute_force(ranks: list[int], b: BoundConstants, T_bar: float, lo: float, hi: float,
+                 s: float = 0.5) -> tuple[int, float]:
+    """Grid search of P2 independent of Lemma 2: min Phi over feasible (r, rho)."""
+    best = (np.inf, 0, 0.0)
+    grid = np.linspace(lo, hi, 20001)
+    for r in ranks:
+        delay = (1 - grid) * r * DK * 32 * s / 1e6
+        ok = grid[delay <= T_bar * (1 + 1e-12)]
+        if ok.size == 0:
+            continue
+        vals = b.value(r, ok)
+        i = int(np.argmin(vals))
+        if vals[i] < best[0]:
+            best = (float(vals[i]), r, float(ok[i]))
+    return best[1], best[2]
+
+
+def test_offline_picks_known_optimum() -> None:
+    ranks = [1, 2, 4, 8, 16, 32]
+    sig = np.array([2.0 / np.sqrt(r) for r in range(1, 33)])
+    b = BoundConstants(kappa_R=0.5, kappa_C=0.02, kappa_E=0.4, r_star_ideal=48, sigma_bar=sig,
+                       sigma_max=3.0)
+    dense8 = 8 * DK * 32 * 0.5 / 1e6
+    for T_bar in (0.3 * dense8, 0.6 * dense8, 2.0 * dense8):
+        res = choose_rank(ranks, b, rho_min=0.1, rho_max=0.98, **_offline_kwargs(T_bar))
+        r_bf, rho_bf = _brute_force(ranks, b, T_bar, 0.1, 0.98)
+        assert res.r_star == r_bf
+        assert res.rho0 == pytest.approx(rho_bf, abs=1e-4)
+        row = res.table[res.r_star]
+        assert row.feasible and row.nominal_delay <= T_bar * (1 + 1e-12)
+        assert res.phi0 == min(r.phi0 for r in res.table.values() if r.feasible)
+
+
+def test_offline_huge_budget_gives_rho_min() -> None:
+    b = BoundConstants(sigma_bar=1.0)
+    res = choose_rank([1, 2, 4, 8], b, rho_min=0.15, rho_max=0.99, **_offline_kwargs(1e9))
+    assert all(row.rho == 0.15 and row.feasible for row in res.table.values())
+    assert rho_star(8, rho_min=0.15, **_offline_kwargs(1e9)) == 0.15
+
+
+def test_offline_rank_infeasible_above_rho_max() -> None:
+    b = BoundConstants(sigma_bar=1.0)
+    t_bar = 0.05 * 4 * DK * 32 * 0.5 / 1e6  # rank 4 needs rho = 0.95, rank 8 needs 0.975
+    res = choose_rank([2, 4, 8], b, rho_min=0.0, rho_max=0.96, **_offline_kwargs(t_bar))
+    assert res.table[4].feasible and not res.table[8].feasible
+    assert res.table[4].rho == pytest.approx(0.95, abs=1e-12)
+
+
+def test_offline_impossible_budget_raises() -> None:
+    b = BoundConstants(sigma_bar=1.0)
+    t_bar = 1e-6
+    with pytest.raises(InfeasibleLatencyError, match="infeasible") as err:
+        choose_rank([2, 4, 8], b, rho_min=0.0, rho_max=0.9, **_offline_kwargs(t_bar))
+    msg = str(err.value)
+    assert "T_bar=1e-06" in msg
+    smallest = (1 - 0.9) * 2 * DK * 32 * 0.5 / 1e6
+    got = float(re.search(r"delay is ([0-9.eE+-]+) s", msg).group(1))  # type: ignore[union-attr]
+    assert got == pytest.approx(smallest, rel=1e-12)
+
+
+def test_nominal_set_options() -> None:
+    gbar = np.linspace(5.0, 25.0, 100)
+    scaled = nominal_inv_gamma_sum(gbar, 10)
+    assert scaled == pytest.approx(10 / 100 * np.sum(1 / gbar))
+    rep = nominal_inv_gamma_sum(gbar, 10, "representative")
+    idx = np.round(np.linspace(0, 99, 10)).astype(int)
+    assert rep == pytest.approx(np.sum(1 / gbar[idx]))
+    chosen = nominal_inv_gamma_sum(gbar, 2, "representative", [0, 99])
+    assert chosen == pytest.approx(1 / 5 + 1 / 25)
+    with pytest.raises(ValueError, match="num_scheduled"):
+        nominal_inv_gamma_sum(gbar, 101)
+    with pytest.raises(ValueError, match="mode"):
+        nominal_inv_gamma_sum(gbar, 10, "median")  # type: ignore[arg-type]
+
+
+def test_calibrate_recovers_known_sigmas() -> None:
+    rng = np.random.default_rng(3)
+    true = np.array([5.0, 3.0, 2.0, 1.0, 0.5, 0.25])
+    exact = [rng.permutation(true) for _ in range(10)]
+    cal = calibrate(exact)
+    np.testing.assert_allclose(cal.sigma_bar, true)
+    assert cal.sigma_max == 5.0 and cal.pilot_rank == 6 and cal.num_rounds == 10
+    # noisy, 2-D rows (clients): unbiased multiplicative noise averages out
+    noisy = [np.stack([rng.permutation(true) * rng.uniform(0.95, 1.05, 6) for _ in range(8)])
+             for _ in range(300)]
+    cal2 = calibrate(noisy)
+    np.testing.assert_allclose(cal2.sigma_bar, true, rtol=0.01)
+    assert cal2.sigma_max == pytest.approx(max(a.max() for a in noisy))
+    assert calibrate(exact, aggregate="max").sigma_bar[0] == 5.0
+    b = BoundConstants(sigma_bar=cal.sigma_bar, sigma_max=cal.sigma_max)
+    assert b.sigma_bar_at(3) == 2.0
+
+
+def test_calibrate_bad_input() -> None:
+    with pytest.raises(ValueError, match="scores_per_round"):
+        calibrate([])
+    with pytest.raises(ValueError, match=r"scores_per_round\[1\]"):
+        calibrate([np.ones(4), np.ones(3)])
+    with pytest.raises(ValueError, match=r"scores_per_round\[0\]"):
+        calibrate([np.array([1.0, np.nan])])
+
+
+# ------------------------------------------------------------------ online controller (30)-(41)
+
+
+@pytest.fixture(scope="module")
+def scheduled_gains() -> list[np.ndarray]:
+    ch = Channel(CFG, seed=3)
+    rng = np.random.default_rng(7)
+    return [ch.draw(t)[rng.choice(CFG.num_clients, K, replace=False)] for t in range(N_ROUNDS)]
+
+
+def _t_bar(gains: list[np.ndarray], rank: int) -> float:
+    ctl = TSFAController(rank, BoundConstants(), V=1.0, T_bar=1.0, d_plus_k_total=DK,
+                         channel=CFG, solver="bisection")
+    gam = [spectral_efficiency(g, CFG.tx_power_w, CFG.noise_w) for g in gains]
+    dense = np.mean([ctl.latency_scale(float(np.sum(1 / x))) for x in gam])
+    return 0.4 * float(dense)  # budget = 40 % of the mean dense-upload delay (A.12: 30-70 %)
+
+
+def _run(gains: list[np.ndarray], V: float, t_bar: float, check_cvxpy_every: int = 0,
+         rank: int = 8) -> TSFAController:
+    b = BoundConstants()
+    ctl = TSFAController(rank, b, V=V, T_bar=t_bar, d_plus_k_total=DK, channel=CFG,
+                         solver="bisection", rho_min=0.0, rho_max=0.99)
+    for t, g in enumerate(gains):
+        q_before = ctl.backlog
+        d = ctl.step(g)
+        if check_cvxpy_every and t % check_cvxpy_every == 0:
+            c = ctl.latency_scale(d.inv_gamma_sum)
+            x = solve_p3_cvxpy(b, V, q_before, c, ctl.rho_min, ctl.rho_max)
+            assert abs(x - d.rho) <= 1e-6
+        ctl.observe(d.predicted_latency)
+    return ctl
+
+
+def test_long_run_latency_and_queue_stability(scheduled_gains: list[np.ndarray]) -> None:
+    t_bar = _t_bar(scheduled_gains, 8)
+    ctl = _run(scheduled_gains, V=0.3, t_bar=t_bar, check_cvxpy_every=100)
+    assert ctl.rounds == N_ROUNDS
+    assert ctl.average_latency <= t_bar * 1.01
+    lat = np.array(ctl.history.latency)
+    assert ctl.average_latency == pytest.approx(lat.mean())
+    q = np.array(ctl.history.queue)
+    # queue is mean-rate stable and not growing: Q_T / T small, last-quarter max ~ third-quarter max
+    assert q[-1] / N_ROUNDS <= 0.01 * t_bar
+    assert q[3 * N_ROUNDS // 4:].max() <= 1.1 * q[N_ROUNDS // 2: 3 * N_ROUNDS // 4].max()
+    # the constraint actually binds (otherwise the test is vacuous): rho moves off rho_min
+    assert np.mean(ctl.history.rho) > 0.3
+    assert ctl.history.rho[0] == 0.0  # Q(0) = 0 -> rho_min
+
+
+def test_larger_v_gives_smaller_rho(scheduled_gains: list[np.ndarray]) -> None:
+    t_bar = _t_bar(scheduled_gains, 8)
+    b = BoundConstants()
+    avg_rho, avg_phi = [], []
+    for V in (0.1, 1.0, 10.0):
+        ctl = _run(scheduled_gains, V=V, t_bar=t_bar)
+        rho = np.array(ctl.history.rho)
+        avg_rho.append(rho.mean())
+        avg_phi.append(float(np.mean(b.value(8, rho))))
+        # sample-path queue inequality: avg latency <= T_bar + Q_T / T (from eq. 30)
+        assert ctl.average_latency <= t_bar + ctl.backlog / N_ROUNDS + 1e-12
+    assert avg_rho[0] > avg_rho[1] > avg_rho[2]
+    assert avg_phi[0] > avg_phi[1] > avg_phi[2]
+
+
+def test_controller_decision_fields_and_payload_fn(scheduled_gains: list[np.ndarray]) -> None:
+    ctl = TSFAController(4, BoundConstants(), V=1.0, T_bar=0.05, d_plus_k_total=DK, channel=CFG)
+    d0 = ctl.step(scheduled_gains[0])
+    assert d0.rho == 0.0 and d0.queue == 0.0
+    ctl.observe()  # predicted latency used
+    assert ctl.backlog == pytest.approx(max(d0.predicted_latency - 0.05, 0.0))
+    overhead = 1.1  # e.g. 10 % index overhead of the wire format
+
+    def wire_bits(rho: float) -> float:
+        return overhead * (1 - rho) * 4 * DK * CFG.bits_per_value
+
+    d1 = ctl.step(scheduled_gains[1], payload_bits_fn=wire_bits)
+    assert d1.shares.sum() == pytest.approx(1.0)
+    assert d1.model_latency == pytest.approx(
+        round_latency(d1.rho, 4, DK, CFG.bits_per_value, d1.inv_gamma_sum, CFG.bandwidth_hz))
+    assert d1.predicted_latency == pytest.approx(overhead * d1.model_latency, rel=1e-9)
+    assert d1.payload_bits == pytest.approx(wire_bits(d1.rho))
+    with pytest.raises(RuntimeError, match="observe"):
+        ctl.step(scheduled_gains[2])
+    ctl.observe(0.5)
+    assert ctl.average_latency == pytest.approx((d0.predicted_latency + 0.5) / 2)
+
+
+def test_controller_from_offline_and_osfa() -> None:
+    ch = Channel(CFG, seed=0)
+    b = BoundConstants(sigma_bar=np.linspace(2.0, 0.5, 32), r_star_ideal=40, kappa_C=0.01)
+    res = choose_rank_for_channel(ch, K, [1, 2, 4, 8, 16, 32], b, d_plus_k_total=DK, T_bar=0.5,
+                                  rho_min=0.05)
+    ctl = TSFAController.from_offline(res, b, V=1.0, d_plus_k_total=DK, channel=CFG)
+    assert ctl.rank == res.r_star and ctl.T_bar == 0.5 and ctl.mode == "tsfa"
+    osfa = OSFAController(32, b, V=1.0, T_bar=0.5, d_plus_k_total=DK, channel=CFG,
+                          solver="closed_form")
+    assert osfa.mode == "osfa" and osfa.rank == 32
+    g = ch.draw(0)[:K]
+    assert osfa.step(g).rho == osfa.rho_min  # Q(0) = 0
+
+
+def test_controller_bad_args() -> None:
+    b = BoundConstants()
+    kw = dict(V=1.0, T_bar=1.0, d_plus_k_total=DK, channel=CFG)
+    with pytest.raises(ValueError, match="solver"):
+        TSFAController(4, b, solver="newton", **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rho_max"):
+        TSFAController(4, b, rho_min=0.5, rho_max=0.4, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rank"):
+        TSFAController(0, b, **kw)  # type: ignore[arg-type]
+    ctl = TSFAController(4, b, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gains"):
+        ctl.step(np.zeros((2, 2)))
+    with pytest.raises(RuntimeError, match="step"):
+        ctl.observe(1.0)
