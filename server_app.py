@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoft import lora, workload
+from fedsoft import lora, tsfa_plan, workload
 from fedsoft.config import resolve
 from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
 from fedsoft.train import evaluate
+from strategies.discovery import discover_partitions, wait_for_nodes
 from strategies.factory import make_strategy
 from strategies.records import to_numpy, to_record
 
@@ -31,10 +33,23 @@ def main(grid: Grid, context: Context) -> None:
     num_rounds = int(cfg["num-server-rounds"])
     print(f"[fedsoft] run dir: {run.dir}", flush=True)
 
+    node_ids = wait_for_nodes(grid, int(cfg["min-available-nodes"]))
     work = workload.build_workload(cfg)
+    tsfa = None
+    if cfg["strategy"] in ("tsfa", "osfa"):
+        dk = sum(s.d + s.k for s in lora.factor_shapes(work.model))
+        tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids), d_plus_k_total=dk)
+        if tsfa.offline is not None:
+            table = tsfa_plan.offline_table(tsfa.offline)
+            (run.dir / "offline.json").write_text(json.dumps(table, indent=2))
+            print(tsfa_plan.format_table(table), flush=True)
+        cfg = {**cfg, "lora-rank": tsfa.rank}
+        (run.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        work = workload.build_workload(cfg)
     test = workload.test_loader(cfg, work)
     device = pick_device(str(cfg["device"]))
-    strategy = make_strategy(cfg)
+    node_to_partition = discover_partitions(grid, node_ids) if tsfa else {}
+    strategy = make_strategy(cfg, tsfa=tsfa, node_to_client=node_to_partition)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         lora.from_arrays(work.model, to_numpy(arrays))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,7 @@ def local_round(
     work = workload.build_workload(cfg)
     lora.from_arrays(work.model, global_arrays)
     loader, n_part = workload.train_loader(cfg, work, partition_id, num_partitions, server_round)
+    t0 = time.perf_counter()
     result = train_local(
         work.model,
         loader,
@@ -64,12 +66,14 @@ def local_round(
         zeta=float(cfg["zeta"]),
         device=pick_device(str(cfg["device"])),
     )
+    train_s = time.perf_counter() - t0
     work.model.cpu()
     metrics: dict[str, float | int] = {
         "num-examples": int(n_part),
         "train-loss": float(result.loss),
         "orth-loss": float(result.orth_loss),
         "steps": int(result.steps),
+        "train-s": float(train_s),
     }
     local_arrays = lora.to_arrays(work.model)
     if str(cfg["sparsifier"]) == "dense":

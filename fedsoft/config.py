@@ -36,7 +36,7 @@ def _non_negative(v: Any) -> bool:
     return v >= 0
 
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "tsfa", "osfa")
 SPARSIFIERS = ("dense", "soft", "flasc", "rlora", "hetlora", "fedlodrop", "svd")
 
 _SCHEMA: dict[str, Key] = {
@@ -71,6 +71,27 @@ _SCHEMA: dict[str, Key] = {
     "wire-dtype": Key("float32", *_choice("float32", "float16")),
     "soft-split": Key("joint", *_choice("joint", "ab")),
     "zeta": Key(0.0, _non_negative, ">= 0"),
+    "latency-budget": Key(0.15, _positive, "> 0 seconds (T_bar, eq. 24c)"),
+    "lyapunov-v": Key(1.0, _non_negative, ">= 0 (V, eq. 33)"),
+    "sparsity-min": Key(0.0, lambda v: 0 <= v < 1, "0 <= sparsity-min < 1"),
+    "sparsity-max": Key(0.99, lambda v: 0 < v < 1, "0 < sparsity-max < 1"),
+    "tsfa-ranks": Key("1,2,4,8,16,32", None, "comma-separated candidate ranks >= 1"),
+    "p3-solver": Key("cvxpy", *_choice("cvxpy", "bisection", "closed_form")),
+    "offline-nominal": Key("scaled", *_choice("scaled", "representative")),
+    "channel-distance-min": Key(50.0, _positive, "> 0 metres"),
+    "channel-distance-max": Key(300.0, _positive, "> 0 metres, >= channel-distance-min"),
+    "path-loss-exponent": Key(3.5, _positive, "> 0"),
+    "tx-power-w": Key(0.1, _positive, "> 0 W"),
+    "bandwidth-hz": Key(1.0e6, _positive, "> 0 Hz"),
+    "noise-psd-dbm-hz": Key(-174.0, None, "dBm/Hz"),
+    "bound-kappa-r": Key(1.0, _non_negative, ">= 0"),
+    "bound-kappa-s": Key(0.0, _non_negative, ">= 0"),
+    "bound-kappa-c": Key(0.001, _non_negative, ">= 0"),
+    "bound-kappa-e": Key(1.0, _non_negative, ">= 0"),
+    "bound-rank-ideal": Key(64.0, _positive, "> 0"),
+    "bound-sigma-bar": Key(1.0, _non_negative, ">= 0"),
+    "bound-sigma-max": Key(1.0, _non_negative, ">= 0"),
+    "bound-p": Key(1, lambda v: v in (1, 2), "1 or 2"),
     "device": Key("auto", *_choice("auto", "cpu", "cuda")),
     "run-dir": Key("", None, "a path or empty"),
     "round-timeout": Key(3600.0, _positive, "> 0 seconds"),
@@ -114,8 +135,11 @@ def validate(config: Mapping[str, Any]) -> dict[str, Scalar]:
         if spec.check is not None and not spec.check(value):
             raise ConfigError(f"run-config key '{key}' = {value!r}: must be {spec.allowed}")
         out[key] = value
-    for key in ("lora-layers",):
-        _ = parse_int_list(str(out.get(key, "")), key)
+    for key in ("lora-layers", "tsfa-ranks"):
+        if key in out:
+            ranks = parse_int_list(str(out[key]), key)
+            if key == "tsfa-ranks" and (not ranks or min(ranks) < 1):
+                raise ConfigError(f"run-config key '{key}' = {out[key]!r}: need ranks >= 1")
     return out
 
 
@@ -169,6 +193,21 @@ def resolve(run_config: Mapping[str, Any], conf_dir: Path | None = None) -> dict
     merged.update({k: v for k, v in given.items() if v != DEFAULTS[k]})
     merged["preset"] = preset
     out = validate(merged)
+    if out["sparsity-min"] >= out["sparsity-max"]:
+        raise ConfigError(
+            f"run-config keys 'sparsity-min' = {out['sparsity-min']!r} and 'sparsity-max' = "
+            f"{out['sparsity-max']!r}: need 0 <= sparsity-min < sparsity-max < 1"
+        )
+    if out["channel-distance-min"] > out["channel-distance-max"]:
+        raise ConfigError(
+            f"run-config key 'channel-distance-max' = {out['channel-distance-max']!r}: must be "
+            f">= channel-distance-min = {out['channel-distance-min']!r}"
+        )
+    if out["strategy"] in ("tsfa", "osfa") and out["sparsifier"] == "dense":
+        raise ConfigError(
+            f"run-config key 'sparsifier' = 'dense' with strategy = {out['strategy']!r}: TSFA "
+            "sets a sparsification ratio each round; choose a sparsifier such as 'soft'"
+        )
     if out["sparsifier"] == "dense" and out["sparsity"] > 0:
         raise ConfigError(
             f"run-config key 'sparsity' = {out['sparsity']!r} with sparsifier = 'dense': dense "

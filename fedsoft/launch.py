@@ -1,4 +1,4 @@
-"""Run `flwr run` against an isolated local SuperLink and always stop it afterwards."""
+"""Launch `flwr run` as a subprocess on an isolated local SuperLink and always stop it after."""
 
 from __future__ import annotations
 
@@ -49,15 +49,20 @@ def stop_superlink(home: Path) -> None:
     time.sleep(1.0)
 
 
-def flwr_run(home: Path, run_config: str, num_supernodes: int = 2,
-             timeout: float = 900.0) -> subprocess.CompletedProcess:
-    """``flwr run . --run-config ... --stream`` with ``num_supernodes`` simulated nodes."""
+def flwr_run(home: Path, run_config: str, num_supernodes: int = 2, *, cpus_per_client: int = 1,
+             timeout: float = 900.0, capture: bool = True) -> subprocess.CompletedProcess:
+    """``flwr run <root> --run-config ... --stream`` with ``num_supernodes`` simulated nodes.
+
+    ``home`` becomes FLWR_HOME (config, local SuperLink state); the SuperLink that ``flwr run``
+    starts detached is killed by PID afterwards, whatever happens.
+    """
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT),
            "--run-config", run_config,
-           "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+           "--federation-config",
+           f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
            "--stream"]
     try:
-        return subprocess.run(cmd, cwd=ROOT, env=flwr_env(home), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(cmd, cwd=ROOT, env=flwr_env(home), capture_output=capture,
+                              text=True, timeout=timeout)
     finally:
         stop_superlink(home)

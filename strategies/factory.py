@@ -6,12 +6,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedsoft.client_update import sparse_settings
+from fedsoft.tsfa_plan import TSFAPlan
 from strategies.lora_fedavg import LoRAFedAvg
 from strategies.sparse_fedavg import SparseLoRAFedAvg
+from strategies.tsfa import TSFA
 
 
-def make_strategy(cfg: Mapping[str, Any]) -> LoRAFedAvg:
-    """``strategy`` + ``sparsifier`` keys -> strategy instance (config already validated)."""
+def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
+                  node_to_client: dict[int, int] | None = None) -> LoRAFedAvg:
+    """``strategy`` + ``sparsifier`` keys -> strategy instance (config already validated).
+
+    ``tsfa`` (from :func:`fedsoft.tsfa_plan.plan`) is required for ``tsfa``/``osfa``.
+    """
     name = str(cfg["strategy"])
     common = dict(
         clients_per_round=int(cfg["clients-per-round"]),
@@ -22,4 +28,9 @@ def make_strategy(cfg: Mapping[str, Any]) -> LoRAFedAvg:
         if str(cfg["sparsifier"]) == "dense":
             return LoRAFedAvg(**common)
         return SparseLoRAFedAvg(settings=sparse_settings(cfg), **common)
+    if name in ("tsfa", "osfa"):
+        if tsfa is None:
+            raise ValueError(f"strategy = {name!r} needs a TSFA plan (fedsoft.tsfa_plan.plan)")
+        return TSFA(settings=sparse_settings(cfg), controller=tsfa.controller,
+                    channel=tsfa.channel, node_to_client=node_to_client, **common)
     raise ValueError(f"strategy = {name!r}: not available")

@@ -57,6 +57,8 @@ class LoRAFedAvg(FedAvg):
         self.node_wait_timeout = node_wait_timeout
         self.round_stats: dict[int, dict[str, Any]] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
+        self._round_t0 = time.perf_counter()
+        self.reply_bytes: dict[int, int] = {}  # node id -> bytes received this round (valid)
 
     # -- sampling -------------------------------------------------------------------------
     def sample_nodes(self, grid: Grid) -> tuple[list[int], list[int]]:
@@ -73,6 +75,9 @@ class LoRAFedAvg(FedAvg):
         k = min(self.clients_per_round, len(all_ids))
         return sorted(self.rng.sample(all_ids, k)), all_ids
 
+    def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
+        """Hook after sampling, before messages are built (TSFA decides rho and bandwidth)."""
+
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """Per-node ConfigRecord; subclasses add their per-node values (ratio, bandwidth)."""
         cfg = ConfigRecord(dict(config))
@@ -85,7 +90,9 @@ class LoRAFedAvg(FedAvg):
         node_ids, all_ids = self.sample_nodes(grid)
         self.global_arrays = to_numpy(arrays)
         self.round_stats[server_round] = {"num_available": len(all_ids), "sampled": node_ids}
+        self._round_t0 = time.perf_counter()
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(node_ids), len(all_ids))
+        self.prepare_round(server_round, node_ids, all_ids)
         return [
             Message(
                 content=RecordDict(
@@ -128,7 +135,10 @@ class LoRAFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.round_stats.setdefault(server_round, {})
-        decoded, weights, losses, uplink, dropped = [], [], [], 0, []
+        round_s = time.perf_counter() - self._round_t0
+        self.reply_bytes = {}
+        decoded, weights, losses, uplink, dropped, train_s = [], [], [], 0, [], 0.0
+        received = 0
         for msg in replies:
             nid = msg.metadata.src_node_id
             if msg.has_error():
@@ -137,16 +147,21 @@ class LoRAFedAvg(FedAvg):
             try:
                 arrays, metrics, nbytes = self._unpack(msg)
                 uplink += nbytes  # bytes received, valid or not
+                received += 1
                 weight = check_weight(metrics[self.weighted_by_key], self.weighted_by_key)
                 decoded.append(self.decode_reply(server_round, nid, arrays, metrics))
                 weights.append(weight)
+                self.reply_bytes[nid] = nbytes
                 if "train-loss" in metrics:
                     losses.append(float(metrics["train-loss"]))
+                train_s += float(metrics.get("train-s", 0.0))
             except (ReplyError, ValueError, KeyError, TypeError) as err:
                 dropped.append(f"node {nid}: {err}")
         for reason in dropped:
             log(WARNING, "round %d: dropped reply of %s", server_round, reason)
-        stats.update(num_clients=len(decoded), uplink_bytes=uplink, dropped=len(dropped))
+        stats.update(num_clients=len(decoded), uplink_bytes=uplink, dropped=len(dropped),
+                     replies_received=received,
+                     round_s=round(round_s, 3), train_s=round(train_s, 3))
         if not decoded:
             log(WARNING, "round %d: no valid replies, global model unchanged", server_round)
             return None, None

@@ -9,10 +9,10 @@ from transformers import AutoModelForSequenceClassification
 
 from fedsoft import workload
 from fedsoft.config import resolve
+from fedsoft.launch import ROOT, flwr_run
 from fedsoft.models import get_spec, resolve_source
 from fedsoft.runlog import read_metrics
 from fedsoft.train import evaluate
-from tests.flwr_harness import ROOT, flwr_run
 
 CONTRACT_KEYS = {"round", "accuracy", "loss", "num_clients", "uplink_bytes", "wall_s"}
 

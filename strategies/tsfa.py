@@ -1,0 +1,117 @@
+"""TSFA / OSFA as a Flower strategy: per-round CSI, P3 ratio, eq. (41) bandwidth, virtual queue."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+
+from fedsoft.channel import Channel, fdma_delays
+from fedsoft.online import Decision, TSFAController
+from fedsoft.sparse_update import (
+    SparseSettings,
+    estimate_payload_bytes,
+    head_arrays,
+    layer_specs,
+)
+from strategies.sparse_fedavg import SparseLoRAFedAvg
+
+
+class TSFA(SparseLoRAFedAvg):
+    """Two-stage wireless federated LoRA (arXiv 2505.00333, Sec. IV) as a Message-API strategy.
+
+    The rank is fixed before round 1 (offline stage, :func:`fedsoft.tsfa_plan.plan`). Each
+    round the strategy samples K nodes (seeded), draws their Rayleigh CSI from ``channel``,
+    lets ``controller`` pick the common sparsification ratio rho_t (P3, eq. 39) and the FDMA
+    bandwidth shares (eq. 41), and sends each node its own ConfigRecord (``sparsity-ratio``,
+    ``bandwidth-share``, ``channel-gain``). After aggregation the realised uplink latency of
+    the round, eq. (6) with the bytes actually received, updates the virtual queue (eq. 30).
+
+    ``node_to_client`` maps Flower node ids to channel client indices (e.g. partition ids from
+    a discovery query); unknown nodes get their rank among the connected node ids.
+    """
+
+    def __init__(self, clients_per_round: int, settings: SparseSettings, *,
+                 controller: TSFAController, channel: Channel,
+                 node_to_client: dict[int, int] | None = None, **kwargs: Any) -> None:
+        super().__init__(clients_per_round, settings, **kwargs)
+        self.controller = controller
+        self.channel = channel
+        self.node_to_client = dict(node_to_client or {})
+        self._decision: Decision | None = None
+        self._round_nodes: list[int] = []
+        self._gains: np.ndarray = np.zeros(0)
+
+    def _client_index(self, node_id: int, all_ids: list[int]) -> int:
+        idx = self.node_to_client.get(node_id, all_ids.index(node_id))
+        if not 0 <= idx < self.channel.config.num_clients:
+            raise ValueError(f"node {node_id} maps to channel client {idx}, outside "
+                             f"[0, {self.channel.config.num_clients})")
+        return idx
+
+    def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
+        """Observe the scheduled clients' CSI, solve P3 for rho_t, split the band (eq. 41)."""
+        gains_all = self.channel.draw(server_round)
+        self._round_nodes = list(node_ids)
+        self._gains = np.array([gains_all[self._client_index(n, all_ids)] for n in node_ids])
+        specs = layer_specs(self.global_arrays)
+        heads = [int(v.size) for v in head_arrays(self.global_arrays).values()]
+        seeded = bool(self.settings.make().positions_from_seed)
+
+        def payload_bits(rho: float) -> float:
+            return 8.0 * estimate_payload_bytes(specs, heads, rho, dtype=self.settings.dtype,
+                                                seeded_positions=seeded)
+
+        self._decision = self.controller.step(self._gains, payload_bits)
+        log(INFO, "round %d: %s rho=%.4f Q=%.4f shares=%s", server_round,
+            self.controller.mode.upper(), self._decision.rho, self._decision.queue,
+            np.round(self._decision.shares, 3).tolist())
+
+    def round_settings(self, server_round: int, node_id: int) -> SparseSettings:
+        if self._decision is None:
+            return self.settings
+        return dataclasses.replace(self.settings, sparsity=float(self._decision.rho))
+
+    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        cfg = super().node_config(server_round, node_id, config)
+        if self._decision is not None and node_id in self._round_nodes:
+            i = self._round_nodes.index(node_id)
+            cfg["bandwidth-share"] = float(self._decision.shares[i])
+            cfg["channel-gain"] = float(self._gains[i])
+        return cfg
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        out = super().aggregate_train(server_round, replies)
+        d = self._decision
+        assert d is not None, "aggregate_train without configure_train"
+        received = [(i, self.reply_bytes[n]) for i, n in enumerate(self._round_nodes)
+                    if n in self.reply_bytes]
+        if received:
+            idx = [i for i, _ in received]
+            bits = np.array([8.0 * b for _, b in received])
+            latency = float(np.max(fdma_delays(bits, d.shares[idx], d.spectral_eff[idx],
+                                               self.channel.config.bandwidth_hz)))
+        else:
+            latency = float(d.predicted_latency)
+        queue = self.controller.observe(latency)
+        stats = self.round_stats.setdefault(server_round, {})
+        stats.update(
+            rank=self.controller.rank,
+            queue=queue,
+            latency_s=latency,
+            latency_pred_s=float(d.predicted_latency),
+            latency_avg_s=self.controller.average_latency,
+            latency_budget_s=self.controller.T_bar,
+            bandwidth_shares=[float(x) for x in d.shares],
+            channel_gains=[float(x) for x in self._gains],
+            sparsity=float(d.rho),
+        )
+        self._decision = None
+        return out

@@ -1,0 +1,154 @@
+"""Strategies without an engine: per-node messages, sparse decode, bad replies, TSFA queue."""
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedsoft.aggregate import weighted_average
+from fedsoft.config import DEFAULTS
+from fedsoft.error_feedback import ErrorFeedback
+from fedsoft.sparse_update import SparseSettings, decode_update, encode_update
+from fedsoft.tsfa_plan import plan
+from strategies import TSFA, LoRAFedAvg, SparseLoRAFedAvg
+from strategies.records import to_numpy, to_record
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Message(...) needs a task identity; Flower sets it inside real runs only."""
+    from flwr.supercore.task_identity import TaskIdentity  # internal API (1.42)
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class FakeGrid(Grid):
+    """Minimal Grid: fixed node ids, no transport."""
+
+    def __init__(self, ids):
+        self._ids = ids
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        return None
+
+    def create_message(self, *a, **k):
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self._ids)
+
+    def push_messages(self, messages):
+        return []
+
+    def pull_messages(self, message_ids):
+        return []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return []
+
+
+def _arrays(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(2):
+        out[f"l{i}.lora_A"] = (scale * rng.standard_normal((4, 16))).astype(np.float32)
+        out[f"l{i}.lora_B"] = (scale * rng.standard_normal((16, 4))).astype(np.float32)
+    out["head.w"] = rng.standard_normal((3, 16)).astype(np.float32)
+    return out
+
+
+def _reply(to: Message, arrays: dict, n: int, src: int) -> Message:
+    content = RecordDict({"arrays": to_record(arrays),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})})
+    msg = Message(content=content, reply_to=to)
+    msg.metadata.__dict__["_src_node_id"] = src  # replies carry the sender's node id
+    return msg
+
+
+def test_sampling_is_seeded_and_capped():
+    grid = FakeGrid([11, 22, 33, 44, 55])
+    picks = [LoRAFedAvg(3, seed=7).sample_nodes(grid)[0] for _ in range(2)]
+    assert picks[0] == picks[1] and len(picks[0]) == 3
+    assert len(LoRAFedAvg(10, seed=7).sample_nodes(grid)[0]) == 5  # K capped at N
+
+
+def test_bad_reply_is_dropped_and_model_equals_aggregation_without_it():
+    glob = _arrays(0)
+    s = SparseLoRAFedAvg(3, SparseSettings("soft", 0.5), seed=0)
+    msgs = list(s.configure_train(1, to_record(glob), ConfigRecord(dict(DEFAULTS)),
+                                  FakeGrid([1, 2, 3])))
+    assert all(m.content["config"]["sparsity-ratio"] == 0.5 for m in msgs)
+    replies, good = [], []
+    for i, m in enumerate(msgs):
+        nid = m.metadata.dst_node_id
+        payload, _ = encode_update(glob, _arrays(10 + i, 0.1), s.settings, ErrorFeedback(),
+                                   server_round=1, node_id=nid)
+        if i == 1:  # hostile: NaN value
+            payload = dict(payload, vals=np.full_like(payload["vals"], np.nan))
+        else:
+            good.append(decode_update(payload, glob, s.settings, server_round=1, node_id=nid))
+        replies.append(_reply(m, payload, 100, nid))
+    new, _ = s.aggregate_train(1, replies)
+    expected = weighted_average(good, [100, 100])
+    got = to_numpy(new)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    stats = s.round_stats[1]
+    assert stats["num_clients"] == 2 and stats["dropped"] == 1
+    assert stats["uplink_bytes"] < stats["dense_uplink_bytes"]
+    assert 0 <= stats["orth_offdiag"] <= 1 and stats["cov_fro"] > 0
+
+
+def test_no_valid_reply_leaves_global_unchanged():
+    s = LoRAFedAvg(2, seed=0)
+    glob = _arrays(0)
+    msgs = list(s.configure_train(1, to_record(glob), ConfigRecord({}), FakeGrid([1, 2])))
+    bad = dict(glob, **{"l0.lora_A": np.zeros((2, 2), np.float32)})
+    arrays, metrics = s.aggregate_train(1, [_reply(msgs[0], bad, 10, 1)])
+    assert arrays is None and s.round_stats[1]["dropped"] == 1
+
+
+def _tsfa(strategy="tsfa", **over):
+    cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft", clients_per_round=3, **over)
+    cfg["clients-per-round"] = 3
+    return plan(cfg, num_clients=5, d_plus_k_total=2 * 32), cfg
+
+
+def test_tsfa_sends_each_node_its_share_and_updates_the_queue():
+    p, cfg = _tsfa(**{"latency-budget": 1e-4, "lyapunov-v": 1e-9})
+    glob = _arrays(0)
+    s = TSFA(3, SparseSettings("soft", 0.0), controller=p.controller, channel=p.channel, seed=0)
+    queue_before = p.controller.backlog
+    for rnd in (1, 2):
+        msgs = list(s.configure_train(rnd, to_record(glob), ConfigRecord(dict(cfg)),
+                                      FakeGrid([5, 6, 7, 8, 9])))
+        cfgs = [m.content["config"] for m in msgs]
+        shares = [c["bandwidth-share"] for c in cfgs]
+        assert abs(sum(shares) - 1) < 1e-12
+        assert len({c["sparsity-ratio"] for c in cfgs}) == 1  # common ratio (A.9)
+        rho = cfgs[0]["sparsity-ratio"]
+        replies = []
+        for m in msgs:
+            nid = m.metadata.dst_node_id
+            payload, _ = encode_update(glob, _arrays(nid, 0.1), SparseSettings("soft", rho),
+                                       ErrorFeedback(), server_round=rnd, node_id=nid)
+            replies.append(_reply(m, payload, 50, nid))
+        s.aggregate_train(rnd, replies)
+        st = s.round_stats[rnd]
+        assert st["sparsity"] == rho and st["rank"] == p.rank
+        assert st["latency_s"] > 0 and len(st["bandwidth_shares"]) == 3
+        # eq. (30): Q(t+1) = max(Q + T - T_bar, 0)
+        assert st["queue"] == pytest.approx(max(queue_before + st["latency_s"] - 1e-4, 0.0))
+        queue_before = st["queue"]
+    # an impossible budget builds a backlog, which raises the ratio in the next round
+    assert s.round_stats[2]["sparsity"] > s.round_stats[1]["sparsity"]
+
+
+def test_message_type_is_train():
+    s = LoRAFedAvg(1, seed=0)
+    msgs = list(s.configure_train(4, ArrayRecord(), ConfigRecord({"lr": 0.1}), FakeGrid([3])))
+    assert msgs[0].metadata.message_type == MessageType.TRAIN
+    assert msgs[0].content["config"]["server-round"] == 4
