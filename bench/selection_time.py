@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# passive OpenMP waiting: on a shared, oversubscribed host spinning threads inflate SVD times 10x
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -105,6 +109,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     soft, svd = SPARSIFIERS["soft"], SPARSIFIERS["svd"]
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# host: {os.cpu_count()} CPUs, 1-min load average {load:.2f} (timings are noisy when "
+          f"the load exceeds the cores), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"# selection time, d = k = {D}, {N_LAYERS} layers, sparsity {SPARSITY}, "
           f"{torch.get_num_threads()} threads, float32, median of "
           f"{args.repeats_soft} (SOFT) / {args.repeats_svd} (SVD) repeats")

@@ -347,6 +347,7 @@ class TSFAController:
         channel: ``ChannelConfig`` supplying P, sigma^2, B_tot and q.
         rho_min, rho_max: bounds of rho (eq. 39b with a practical cap rho_max < 1).
         solver: "cvxpy" (default), "bisection" or "closed_form" (p = 1 only).
+        initial_rho: ratio of the first round (TSFA: the offline rho*(r*)); None = solve P3.
     """
 
     mode: str = "tsfa"
@@ -363,6 +364,7 @@ class TSFAController:
         rho_min: float = 0.0,
         rho_max: float = 0.99,
         solver: Solver = "cvxpy",
+        initial_rho: float | None = None,
     ) -> None:
         if not isinstance(bound, BoundConstants):
             raise TypeError(f"bound must be a BoundConstants, got {type(bound).__name__}")
@@ -383,6 +385,8 @@ class TSFAController:
         self.channel = channel
         self.rho_min, self.rho_max = _rho_range(rho_min, rho_max)
         self.solver = solver
+        self.initial_rho = None if initial_rho is None else min(
+            max(_real("initial_rho", initial_rho), self.rho_min), self.rho_max)
         self.history = _History()
         self._pending: Decision | None = None
         self._round = 0
@@ -393,8 +397,11 @@ class TSFAController:
     def from_offline(
         cls, result: OfflineResult, bound: BoundConstants, **kwargs: object
     ) -> TSFAController:
-        """Controller at the offline stage's rank r* (T_bar defaults to the offline budget)."""
+        """Controller at the offline stage's rank r*; T_bar defaults to the offline budget and
+        the first round uses the offline ratio rho*(r*) ("the initial sparsification ratio",
+        A.10) unless ``initial_rho`` is given."""
         kwargs.setdefault("T_bar", result.T_bar)
+        kwargs.setdefault("initial_rho", result.rho0)
         return cls(result.r_star, bound, **kwargs)  # type: ignore[arg-type]
 
     @property
@@ -453,7 +460,10 @@ class TSFAController:
             raise ValueError(f"gains must be > 0 for every scheduled client, got {gains!r}")
         s = float(np.sum(1.0 / gam))
         c = self.latency_scale(s)
-        rho = self._solve(c)
+        if self._round == 0 and self.initial_rho is not None:
+            rho = self.initial_rho  # offline stage's rho*(r*) as the initial ratio (A.10)
+        else:
+            rho = self._solve(c)
         shares = bandwidth_shares(gam)
         model_t = (1.0 - rho) * c
         if payload_bits_fn is None:

@@ -21,6 +21,7 @@ from fedsoft.sparsifiers import (
     rank_scores,
     to_rows,
 )
+from fedsoft.sparsifiers.base import rowwise_topk_mask
 from fedsoft.sparsifiers.soft import split_counts
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -167,6 +168,20 @@ def test_flasc_is_global_topk() -> None:
     thresh = torch.topk(rows.abs().flatten(), keep).values.min()
     assert bool((rows.abs()[out.mask] >= thresh).all())
     assert bool((rows.abs()[~out.mask] <= thresh).all())
+
+
+@SETTINGS
+@given(r=st.integers(1, 6), n=st.integers(1, 20), seed=st.integers(0, 10_000),
+       ties=st.booleans(), data=st.data())
+def test_rowwise_topk_mask_exact_counts(r, n, seed, ties, data) -> None:
+    mag = _rows(r, n, seed, "ties" if ties else "gauss").abs()
+    counts = torch.tensor(data.draw(st.lists(st.integers(0, n), min_size=r, max_size=r)))
+    mask = rowwise_topk_mask(mag, counts)
+    assert torch.equal(mask.sum(dim=1), counts)
+    for j in range(r):  # kept entries dominate dropped ones within each row
+        kept, dropped = mag[j][mask[j]], mag[j][~mask[j]]
+        if kept.numel() and dropped.numel():
+            assert kept.min() >= dropped.max()
 
 
 # ---------------------------------------------------------------- SOFT allocation (eq. 9)

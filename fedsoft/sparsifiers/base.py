@@ -204,17 +204,29 @@ def select(rows: Tensor, mask: Tensor) -> SparseRows:
 
 
 def rowwise_topk_mask(magnitude: Tensor, counts: Tensor) -> Tensor:
-    """Bool mask keeping the ``counts[j]`` largest entries of row j of ``magnitude``.
+    """Bool mask keeping the ``counts[j]`` largest entries of row j of ``magnitude`` (finite).
 
-    Vectorised: one ``topk`` over all rows with the largest count, then positions < counts[j].
+    Vectorised, no loop over rows: row j is padded with ``kmax - counts[j]`` ``+inf`` sentinels
+    (and ``-inf`` filler), one unsorted ``topk(kmax)`` runs over all rows, and the sentinel hits
+    are dropped; exactly ``counts[j]`` real entries of row j survive.
     """
     r, n = magnitude.shape
-    counts = counts.to(device=magnitude.device, dtype=torch.long)
-    mask = torch.zeros((r, n), dtype=torch.bool, device=magnitude.device)
-    kmax = int(counts.max()) if counts.numel() else 0
+    device = magnitude.device
+    counts = counts.to(device=device, dtype=torch.long)
+    if counts.numel() != r or bool((counts < 0).any()) or bool((counts > n).any()):
+        raise ValueError(f"counts must be {r} integers in [0, {n}], got {counts.tolist()}")
+    kmax = int(counts.max()) if r else 0
     if kmax <= 0:
-        return mask
-    idx = torch.topk(magnitude, kmax, dim=1, largest=True, sorted=True).indices
-    take = torch.arange(kmax, device=magnitude.device).unsqueeze(0) < counts.unsqueeze(1)
-    mask.scatter_(1, idx, take)
-    return mask
+        return torch.zeros((r, n), dtype=torch.bool, device=device)
+    pad = kmax - counts
+    width = int(pad.max())
+    if width == 0:
+        idx = torch.topk(magnitude, kmax, dim=1, largest=True, sorted=False).indices
+        return torch.zeros((r, n), dtype=torch.bool, device=device).scatter_(1, idx, True)
+    inf = torch.tensor(float("inf"), dtype=magnitude.dtype, device=device)
+    sentinel = torch.where(torch.arange(width, device=device).unsqueeze(0) < pad.unsqueeze(1),
+                           inf, -inf)
+    padded = torch.cat([magnitude, sentinel], dim=1)
+    idx = torch.topk(padded, kmax, dim=1, largest=True, sorted=False).indices
+    full = torch.zeros((r, n + width), dtype=torch.bool, device=device).scatter_(1, idx, True)
+    return full[:, :n].contiguous()
