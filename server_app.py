@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedsoft import lora, tsfa_plan, workload
+from fedsoft.calibration import append_scores, layer_scores
 from fedsoft.config import resolve
 from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
@@ -53,6 +54,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         lora.from_arrays(work.model, to_numpy(arrays))
+        append_scores(run.dir, server_round, layer_scores(work.model))  # for calibration
         loss, acc, _ = evaluate(work.model, test, device)
         work.model.cpu()
         stats = strategy.round_stats.get(server_round, {})

@@ -92,6 +92,7 @@ _SCHEMA: dict[str, Key] = {
     "bound-sigma-bar": Key(1.0, _non_negative, ">= 0"),
     "bound-sigma-max": Key(1.0, _non_negative, ">= 0"),
     "bound-p": Key(1, lambda v: v in (1, 2), "1 or 2"),
+    "bound-calibration": Key("", None, "path to a calibration.json or empty"),
     "device": Key("auto", *_choice("auto", "cpu", "cuda")),
     "run-dir": Key("", None, "a path or empty"),
     "round-timeout": Key(3600.0, _positive, "> 0 seconds"),

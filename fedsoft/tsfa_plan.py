@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fedsoft.bound import BoundConstants
+from fedsoft.calibration import load_calibration
 from fedsoft.channel import Channel, ChannelConfig
 from fedsoft.config import parse_int_list
 from fedsoft.offline import OfflineResult, choose_rank_for_channel
@@ -39,15 +42,32 @@ def channel_config(cfg: Mapping[str, Any], num_clients: int) -> ChannelConfig:
 
 
 def bound_constants(cfg: Mapping[str, Any]) -> BoundConstants:
-    """Surrogate Phi constants (A.8) from run-config keys (PROPOSED-L, all configurable)."""
+    """Surrogate Phi constants (A.8) from run-config keys (PROPOSED-L, all configurable).
+
+    With ``bound-calibration`` set, sigma_bar_r (per rank) and sigma_max come from that
+    ``calibration.json`` (see :mod:`fedsoft.calibration`) instead of ``bound-sigma-bar/max``.
+    """
+    sigma_bar: float | np.ndarray = float(cfg["bound-sigma-bar"])
+    sigma_max = float(cfg["bound-sigma-max"])
+    path = str(cfg.get("bound-calibration", ""))
+    if path:
+        sigma_bar, sigma_max = load_calibration(path)
+        ranks = (parse_int_list(str(cfg["tsfa-ranks"]), "tsfa-ranks")
+                 if cfg["strategy"] == "tsfa" else [int(cfg["lora-rank"])])
+        if max(ranks) > sigma_bar.size:
+            raise ValueError(
+                f"bound-calibration={path!r} has sigma_bar for ranks 1..{sigma_bar.size}, but the "
+                f"candidate ranks go up to {max(ranks)}: calibrate from a pilot with "
+                f"lora-rank >= {max(ranks)} or drop the larger ranks from tsfa-ranks"
+            )
     return BoundConstants(
         kappa_R=float(cfg["bound-kappa-r"]),
         kappa_S=float(cfg["bound-kappa-s"]),
         kappa_C=float(cfg["bound-kappa-c"]),
         kappa_E=float(cfg["bound-kappa-e"]),
         r_star_ideal=float(cfg["bound-rank-ideal"]),
-        sigma_bar=float(cfg["bound-sigma-bar"]),
-        sigma_max=float(cfg["bound-sigma-max"]),
+        sigma_bar=sigma_bar,
+        sigma_max=sigma_max,
         p=int(cfg["bound-p"]),
     )
 
