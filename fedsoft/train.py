@@ -59,6 +59,10 @@ def train_local(
     """AdamW on the trainable parameters with loss = task + zeta * orthogonality penalty (eq. 7)."""
     from fedsoft.orthogonality import orth_penalty  # SOFT's penalty, eq. (7)
 
+    if not (isinstance(zeta, int | float) and math.isfinite(zeta) and zeta >= 0):
+        raise ValueError(f"zeta must be a finite number >= 0, got {zeta!r}")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     device = torch.device(device)
     model.to(device)
     model.train()
