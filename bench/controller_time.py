@@ -24,6 +24,7 @@ from fedsoft.online import (
     solve_p3_closed_form,
     solve_p3_cvxpy,
 )
+from fedsoft.runlog import read_metrics
 
 DK = 12_288  # ViT-Base: 4 blocks x (q, v), d + k = 768 + 768 each
 RANK = 8
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--p", type=int, default=1, choices=(1, 2))
     ap.add_argument("--V", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--metrics", type=Path, default=None,
+                    help="metrics.jsonl of a real run: print the controller's share of its rounds")
     args = ap.parse_args()
     warnings.simplefilter("ignore", UserWarning)
 
@@ -144,6 +147,13 @@ def main() -> None:
     ok = overhead["cvxpy"] < TARGET_MS
     print(f"target < {TARGET_MS:.0f} ms per round with cvxpy on CPU: "
           f"{'HOLDS' if ok else 'MISSED'} ({overhead['cvxpy']:.2f} ms)")
+    if args.metrics is not None:
+        rounds = [r["round_s"] for r in read_metrics(args.metrics) if r.get("round_s")]
+        if not rounds:
+            sys.exit(f"{args.metrics}: no round_s values (not a fedsoft run's metrics.jsonl?)")
+        med = statistics.median(rounds)
+        print(f"controller share of a round ({args.metrics}, median round_s {med:.2f} s): "
+              f"{overhead['cvxpy'] / 1e3 / med:.2e}")
 
 
 if __name__ == "__main__":

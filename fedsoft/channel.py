@@ -8,6 +8,9 @@ from typing import Literal
 
 import numpy as np
 
+from fedsoft.checks import positive as _check_positive
+from fedsoft.checks import real as _check_real
+
 __all__ = [
     "ChannelConfig",
     "Channel",
@@ -18,22 +21,6 @@ __all__ = [
     "model_payload_bits",
     "noise_power_from_psd",
 ]
-
-
-def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
-
-
-def _check_positive(name: str, value: object) -> float:
-    out = _check_real(name, value)
-    if out <= 0.0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return out
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -72,7 +72,7 @@ _SCHEMA: dict[str, Key] = {
     "soft-split": Key("joint", *_choice("joint", "ab")),
     "zeta": Key(0.0, _non_negative, ">= 0"),
     "latency-budget": Key(0.15, _positive, "> 0 seconds (T_bar, eq. 24c)"),
-    "lyapunov-v": Key(1.0, _non_negative, ">= 0 (V, eq. 33)"),
+    "lyapunov-v": Key(0.001, _non_negative, ">= 0 (V, eq. 33)"),
     "sparsity-min": Key(0.0, lambda v: 0 <= v < 1, "0 <= sparsity-min < 1"),
     "sparsity-max": Key(0.99, lambda v: 0 < v < 1, "0 < sparsity-max < 1"),
     "tsfa-ranks": Key("1,2,4,8,16,32", None, "comma-separated candidate ranks >= 1"),

@@ -12,6 +12,11 @@ import numpy as np
 
 from fedsoft.bound import BoundConstants
 from fedsoft.channel import ChannelConfig, round_delay, spectral_efficiency
+from fedsoft.checks import nonneg as _nonneg
+from fedsoft.checks import pos_int as _pos_int
+from fedsoft.checks import positive as _positive
+from fedsoft.checks import real as _real
+from fedsoft.checks import rho_range as _rho_range
 from fedsoft.offline import OfflineResult
 
 __all__ = [
@@ -34,45 +39,6 @@ Solver = Literal["cvxpy", "bisection", "closed_form"]
 
 class P3SolverError(RuntimeError):
     """Raised when the convex solver does not return an optimal solution of P3."""
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
-
-
-def _nonneg(name: str, value: object) -> float:
-    out = _real(name, value)
-    if out < 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return out
-
-
-def _positive(name: str, value: object) -> float:
-    out = _real(name, value)
-    if out <= 0.0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return out
-
-
-def _pos_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-def _rho_range(rho_min: object, rho_max: object) -> tuple[float, float]:
-    lo = _real("rho_min", rho_min)
-    hi = _real("rho_max", rho_max)
-    if not 0.0 <= lo < 1.0:
-        raise ValueError(f"rho_min must lie in [0, 1), got {rho_min!r}")
-    if not lo <= hi < 1.0:
-        raise ValueError(f"rho_max must lie in [rho_min={lo!r}, 1), got {rho_max!r}")
-    return lo, hi
 
 
 class VirtualQueue:
