@@ -6,10 +6,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoft import lora, tsfa_plan, workload
+from fedsoft import data, lora, sketch_plan, tsfa_plan, workload
 from fedsoft.calibration import append_scores, layer_scores
 from fedsoft.config import resolve
 from fedsoft.models import pick_device
@@ -23,6 +24,32 @@ APP_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 app = ServerApp()
+
+
+def sketch_setup(cfg, work, num_clients: int, run_dir: Path):
+    """Paper B before round 1: system model, data shares a_n, the (q, k) plan; logged."""
+    shapes = lora.factor_shapes(work.model)
+    arrays = lora.to_arrays(work.model)
+    head = sum(v.size for k, v in arrays.items() if k.startswith(lora.HEAD_PREFIX))
+    system = sketch_plan.system_model(cfg, num_clients, int(cfg["lora-rank"]),
+                                      sum(s.d + s.k for s in shapes), head)
+    train, _ = workload.splits(cfg)
+    sizes = data.partition_sizes(
+        train, str(cfg["partitioner"]), num_clients, seed=int(cfg["seed"]),
+        dirichlet_alpha=float(cfg["dirichlet-alpha"]),
+        shards_per_client=int(cfg["shards-per-client"]),
+    )
+    plan = sketch_plan.plan(cfg, system, sizes)
+    table = sketch_plan.plan_table(plan, system, sizes)
+    (run_dir / "sampling_plan.json").write_text(json.dumps({
+        "sampling": cfg["sampling"], "objective": plan.objective,
+        "uniform_objective": plan.uniform_objective, "expected_round_s": plan.expected_round_s,
+        "clients": table}, indent=2))
+    print(f"[fedsoft] sketch plan ({cfg['sampling']}): E[participants] "
+          f"{float(plan.q.sum()):.2f}, E[round] {plan.expected_round_s:.2f} s, objective "
+          f"{plan.objective:.4g} (uniform {plan.uniform_objective:.4g}); q "
+          f"{[round(float(x), 3) for x in plan.q]}, k {plan.k.tolist()}", flush=True)
+    return plan, system, np.asarray(sizes, dtype=np.float64)
 
 
 @app.main()
@@ -49,8 +76,12 @@ def main(grid: Grid, context: Context) -> None:
         work = workload.build_workload(cfg)
     test = workload.test_loader(cfg, work)
     device = pick_device(str(cfg["device"]))
-    node_to_partition = discover_partitions(grid, node_ids) if tsfa else {}
-    strategy = make_strategy(cfg, tsfa=tsfa, node_to_client=node_to_partition)
+    sketch = cfg["strategy"] == "sketch"
+    node_to_partition = discover_partitions(grid, node_ids) if tsfa or sketch else {}
+    sampling = None
+    if sketch:
+        sampling = sketch_setup(cfg, work, len(node_ids), run.dir)
+    strategy = make_strategy(cfg, tsfa=tsfa, sampling=sampling, node_to_client=node_to_partition)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         lora.from_arrays(work.model, to_numpy(arrays))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from fedsoft import lora, workload
 from fedsoft.error_feedback import ErrorFeedback
 from fedsoft.models import pick_device
+from fedsoft.sketch import layer_indices, sketch_reply, sketched_training
 from fedsoft.sparse_update import SparseSettings, encode_update
 from fedsoft.train import train_local
 
@@ -42,6 +44,7 @@ def local_round(
     node_id: int = 0,
     sparsity: float | None = None,
     ef_state: Mapping[str, np.ndarray] | None = None,
+    sketch_k: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, np.ndarray] | None]:
     """Train on this node's partition starting from the global LoRA factors and head.
 
@@ -49,23 +52,30 @@ def local_round(
     ``sparsifier = dense`` the reply is every factor and head parameter (ideal LoRA) and there is
     no error memory; otherwise it is the wire payload of :func:`encode_update` (eqs. 10-14).
     ``num-examples`` is the partition size, the data share p_i of eqs. (3)/(5).
+    With ``sketch_k`` (paper B) only ``sketch_k`` of the r rank components per layer are trained
+    (indices from the shared seed) and the reply is their deltas (:mod:`fedsoft.sketch`).
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id = {partition_id}: must be in [0, {num_partitions})")
     work = workload.build_workload(cfg)
     lora.from_arrays(work.model, global_arrays)
     loader, n_part = workload.train_loader(cfg, work, partition_id, num_partitions, server_round)
+    indices = None
+    if sketch_k is not None:
+        indices = layer_indices(global_arrays, int(sketch_k), int(cfg["seed"]), server_round,
+                                node_id)
     t0 = time.perf_counter()
-    result = train_local(
-        work.model,
-        loader,
-        epochs=int(cfg["local-epochs"]),
-        steps=int(cfg["local-steps"]),
-        lr=float(cfg["lr"]),
-        weight_decay=float(cfg["weight-decay"]),
-        zeta=float(cfg["zeta"]),
-        device=pick_device(str(cfg["device"])),
-    )
+    with sketched_training(work.model, indices) if indices is not None else nullcontext():
+        result = train_local(
+            work.model,
+            loader,
+            epochs=int(cfg["local-epochs"]),
+            steps=int(cfg["local-steps"]),
+            lr=float(cfg["lr"]),
+            weight_decay=float(cfg["weight-decay"]),
+            zeta=float(cfg["zeta"]),
+            device=pick_device(str(cfg["device"])),
+        )
     train_s = time.perf_counter() - t0
     work.model.cpu()
     metrics: dict[str, float | int] = {
@@ -76,6 +86,9 @@ def local_round(
         "train-s": float(train_s),
     }
     local_arrays = lora.to_arrays(work.model)
+    if indices is not None:
+        metrics["sketch-k"] = int(sketch_k)
+        return sketch_reply(global_arrays, local_arrays, indices), metrics, None
     if str(cfg["sparsifier"]) == "dense":
         return local_arrays, metrics, None
     settings = sparse_settings(cfg, sparsity)

@@ -36,7 +36,7 @@ def _non_negative(v: Any) -> bool:
     return v >= 0
 
 
-STRATEGIES = ("fedavg", "tsfa", "osfa")
+STRATEGIES = ("fedavg", "tsfa", "osfa", "sketch")
 SPARSIFIERS = ("dense", "soft", "flasc", "rlora", "hetlora", "fedlodrop", "svd")
 
 _SCHEMA: dict[str, Key] = {
@@ -93,6 +93,20 @@ _SCHEMA: dict[str, Key] = {
     "bound-sigma-max": Key(1.0, _non_negative, ">= 0"),
     "bound-p": Key(1, lambda v: v in (1, 2), "1 or 2"),
     "bound-calibration": Key("", None, "path to a calibration.json or empty"),
+    "sampling": Key("optimized", *_choice("optimized", "uniform", "full")),
+    "sampling-q": Key(0.5, lambda v: 0 < v <= 1, "0 < sampling-q <= 1"),
+    "sampling-q-min": Key(0.05, lambda v: 0 < v <= 1, "0 < sampling-q-min <= 1"),
+    "sketch-ratio": Key(0.5, lambda v: 0 < v <= 1, "0 < sketch-ratio <= 1"),
+    "sketch-k": Key("optimized", *_choice("optimized", "fixed")),
+    "sketch-alpha0": Key(1.0, _non_negative, ">= 0"),
+    "sketch-alpha1": Key(1.0, _positive, "> 0"),
+    "sketch-xi": Key(0.5, _non_negative, ">= 0"),
+    "sketch-mc-draws": Key(256, _positive, ">= 1"),
+    "server-lr": Key(1.0, _positive, "> 0"),
+    "compute-s-per-step": Key(0.5, _positive, "> 0 seconds"),
+    "compute-heterogeneity": Key(0.5, _non_negative, ">= 0 (log-normal sigma)"),
+    "compute-lora-share": Key(0.3, lambda v: 0 <= v <= 1, "0 <= compute-lora-share <= 1"),
+    "bandwidth-allocation": Key("equal_finish", *_choice("equal_finish", "equal")),
     "device": Key("auto", *_choice("auto", "cpu", "cuda")),
     "run-dir": Key("", None, "a path or empty"),
     "round-timeout": Key(3600.0, _positive, "> 0 seconds"),
@@ -205,9 +219,17 @@ def resolve(run_config: Mapping[str, Any], conf_dir: Path | None = None) -> dict
             f">= channel-distance-min = {out['channel-distance-min']!r}"
         )
     if out["strategy"] in ("tsfa", "osfa") and out["sparsifier"] == "dense":
+        # TSFA/OSFA choose SOFT's ratio every round: the default sparsifier means SOFT here
+        out["sparsifier"] = "soft"
+    if out["strategy"] == "sketch" and out["sparsifier"] != "dense":
         raise ConfigError(
-            f"run-config key 'sparsifier' = 'dense' with strategy = {out['strategy']!r}: TSFA "
-            "sets a sparsification ratio each round; choose a sparsifier such as 'soft'"
+            f"run-config key 'sparsifier' = {out['sparsifier']!r} with strategy = 'sketch': "
+            "sketching sends whole rank components (sketch-ratio); set sparsifier = 'dense'"
+        )
+    if out["sampling-q-min"] > out["sampling-q"]:
+        raise ConfigError(
+            f"run-config key 'sampling-q-min' = {out['sampling-q-min']!r}: must be <= "
+            f"sampling-q = {out['sampling-q']!r}"
         )
     if out["sparsifier"] == "dense" and out["sparsity"] > 0:
         raise ConfigError(

@@ -5,18 +5,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from fedsoft.client_update import sparse_settings
+from fedsoft.sketch_opt import SamplingPlan
 from fedsoft.tsfa_plan import TSFAPlan
+from fedsoft.wallclock import SystemModel
 from strategies.lora_fedavg import LoRAFedAvg
+from strategies.sketch import SketchFedAvg
 from strategies.sparse_fedavg import SparseLoRAFedAvg
 from strategies.tsfa import TSFA
 
 
 def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
+                  sampling: tuple[SamplingPlan, SystemModel, np.ndarray] | None = None,
                   node_to_client: dict[int, int] | None = None) -> LoRAFedAvg:
     """``strategy`` + ``sparsifier`` keys -> strategy instance (config already validated).
 
-    ``tsfa`` (from :func:`fedsoft.tsfa_plan.plan`) is required for ``tsfa``/``osfa``.
+    ``tsfa`` (from :func:`fedsoft.tsfa_plan.plan`) is required for ``tsfa``/``osfa``;
+    ``sampling`` = (plan, system model, data sizes) (:mod:`fedsoft.sketch_plan`) for ``sketch``.
     """
     name = str(cfg["strategy"])
     common = dict(
@@ -33,4 +40,11 @@ def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
             raise ValueError(f"strategy = {name!r} needs a TSFA plan (fedsoft.tsfa_plan.plan)")
         return TSFA(settings=sparse_settings(cfg), controller=tsfa.controller,
                     channel=tsfa.channel, node_to_client=node_to_client, **common)
+    if name == "sketch":
+        if sampling is None:
+            raise ValueError("strategy = 'sketch' needs a sampling plan (fedsoft.sketch_plan)")
+        plan, system, sizes = sampling
+        return SketchFedAvg(plan, system, sizes, node_to_client=node_to_client,
+                            seed=int(cfg["seed"]), server_lr=float(cfg["server-lr"]),
+                            min_available_nodes=int(cfg["min-available-nodes"]))
     raise ValueError(f"strategy = {name!r}: not available")

@@ -54,3 +54,11 @@ def test_message_config_round_trip():
     assert cfg == DEFAULTS and extras == {"server-round": 3}
     with pytest.raises(ConfigError, match="lacks"):
         split_message_config({"lr": 0.1})
+
+
+@pytest.mark.parametrize("strategy", ["tsfa", "osfa"])
+def test_tsfa_with_the_default_sparsifier_runs_soft(strategy):
+    cfg = resolve({"strategy": strategy})
+    assert cfg["sparsifier"] == "soft"
+    assert resolve({"strategy": strategy, "sparsifier": "flasc"})["sparsifier"] == "flasc"
+    assert resolve({})["sparsifier"] == "dense"

@@ -1,0 +1,162 @@
+"""Choosing sampling probabilities q and sketch sizes k to cut wall-clock time (paper B, B.4-B.5).
+
+Objective (B.5): J(q, k) = R_eps(q, k) * E[T_r(q, k)] with rounds-to-accuracy (B.4)
+R_eps = alpha0 + sum_n a_n^2 alpha_n(k_n) / q_n and alpha_n(k) = alpha1 (1 + xi (r / k - 1))
+(sketching inflates the variance like r / k, as in FSLoRA; xi = 0 ignores it), and E[T_r] the
+Monte-Carlo expected round time of :class:`fedsoft.wallclock.SystemModel`. Constraint: the
+expected number of participants sum_n q_n is at most the budget (the same budget as uniform
+sampling), q_n in [q_min, 1], k_n in [1, r].
+
+Low-complexity scheme (B.5, PROPOSED-M), alternating from uniform sampling at the initial k:
+* q-step: for fixed k the stationarity condition of the product gives
+  q_n = clip(lambda sqrt(a_n^2 alpha_n(k_n) / c_n), q_min, 1), c_n the client's mean round time
+  (compute + full-band upload), with one common multiplier lambda; lambda_max meets the budget
+  (bisection), and a 1-D log grid below it is scored with the true J;
+* k-step: each k_n minimises the linearised product (a_n^2 alpha_n(k)/q_n) E[T] + R q_n c_n(k)
+  over k in [1, r]; the new k is kept only if J drops.
+A step is accepted only when J decreases, so the result is never worse than uniform sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsoft.checks import nonneg, pos_int, positive
+from fedsoft.wallclock import SystemModel
+
+__all__ = ["SamplingPlan", "SketchObjective", "optimize_sampling", "uniform_plan"]
+
+
+@dataclass(frozen=True)
+class SketchObjective:
+    """Constants of R_eps(q, k) (B.4), estimated from a pilot or set in the run config."""
+
+    alpha0: float = 1.0
+    alpha1: float = 1.0
+    xi: float = 0.5
+
+    def __post_init__(self) -> None:
+        nonneg("sketch-alpha0", self.alpha0)
+        positive("sketch-alpha1", self.alpha1)
+        nonneg("sketch-xi", self.xi)
+
+    def alpha(self, k: np.ndarray, rank: int) -> np.ndarray:
+        """alpha_n(k_n), decreasing in k_n."""
+        return self.alpha1 * (1.0 + self.xi * (rank / np.asarray(k, dtype=np.float64) - 1.0))
+
+    def rounds(self, q: np.ndarray, k: np.ndarray, a: np.ndarray, rank: int) -> float:
+        """R_eps(q, k) up to the 1/eps factor."""
+        return float(self.alpha0 + np.sum(a**2 * self.alpha(k, rank) / q))
+
+
+@dataclass
+class SamplingPlan:
+    """q and k per client, the objective J and its value under uniform sampling."""
+
+    q: np.ndarray
+    k: np.ndarray
+    objective: float
+    uniform_objective: float
+    expected_round_s: float
+    history: list[float] = field(default_factory=list)
+
+
+def _check(system: SystemModel, a: np.ndarray, budget: float, q_min: float) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    n = system.num_clients
+    if a.shape != (n,) or not np.all(np.isfinite(a)) or np.any(a < 0) or a.sum() <= 0:
+        raise ValueError(f"data shares must be {n} finite values >= 0 with a positive sum")
+    if not 0 < q_min <= 1:
+        raise ValueError(f"sampling-q-min = {q_min}: must be in (0, 1]")
+    if not q_min * n <= budget:
+        raise ValueError(f"expected participants budget {budget} is below q_min x N = "
+                         f"{q_min * n}: lower sampling-q-min or raise sampling-q")
+    return a / a.sum()
+
+
+def uniform_plan(system: SystemModel, a: np.ndarray, objective: SketchObjective, q: float,
+                 k: int, *, draws: int = 256, seed: int = 0) -> SamplingPlan:
+    """Uniform (or, with q = 1, full) participation with one fixed sketch size for everyone."""
+    if not 0 < q <= 1:
+        raise ValueError(f"sampling-q = {q}: must be in (0, 1]")
+    n = system.num_clients
+    a = _check(system, a, q * n, min(q, 1.0))
+    qs = np.full(n, float(q))
+    ks = np.full(n, int(np.clip(k, 1, system.rank)), dtype=np.int64)
+    t = system.expected_round_time(qs, ks, draws, seed)
+    j = objective.rounds(qs, ks, a, system.rank) * t
+    return SamplingPlan(qs, ks, j, j, t, [j])
+
+
+def optimize_sampling(
+    system: SystemModel,
+    a: np.ndarray,
+    objective: SketchObjective,
+    *,
+    budget: float,
+    k_init: int,
+    optimize_k: bool = True,
+    q_min: float = 0.05,
+    iters: int = 6,
+    grid: int = 16,
+    draws: int = 256,
+    seed: int = 0,
+) -> SamplingPlan:
+    """Alternating q/k minimisation of J = R_eps * E[T] under sum q <= budget (B.5)."""
+    n, r = system.num_clients, system.rank
+    budget = min(positive("expected participants budget", budget), float(n))
+    a = _check(system, a, budget, q_min)
+    k = np.full(n, int(np.clip(pos_int("k_init", k_init), 1, r)), dtype=np.int64)
+    q = np.full(n, budget / n)
+    mean_gamma = system.channel.spectral_eff(system.channel.mean_gains())
+
+    def score(qv: np.ndarray, kv: np.ndarray) -> tuple[float, float]:
+        t = system.expected_round_time(qv, kv, draws, seed)
+        return objective.rounds(qv, kv, a, r) * t, t
+
+    best, best_t = score(q, k)
+    uniform = best
+    history = [best]
+    for _ in range(iters):
+        improved = False
+        # q-step: q_n = clip(lam * base_n, q_min, 1) with sum q <= budget
+        c = system.compute_time(k) + system.upload_time(k, mean_gamma)
+        base = np.sqrt(a**2 * objective.alpha(k, r) / np.maximum(c, 1e-12))
+        base = np.maximum(base, 1e-12)
+        lo, hi = 0.0, float(1.0 / base.min())  # at hi every q_n = 1
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            if np.clip(mid * base, q_min, 1.0).sum() > budget:
+                hi = mid
+            else:
+                lo = mid
+        for lam in lo * np.geomspace(0.05, 1.0, grid):
+            qv = np.clip(lam * base, q_min, 1.0)
+            if qv.sum() > budget * (1 + 1e-9):
+                continue
+            j, t = score(qv, k)
+            if j < best * (1 - 1e-9):
+                best, best_t, q, improved = j, t, qv, True
+        # k-step: per-client 1-D search on the linearised product
+        if optimize_k and r > 1:
+            cand = np.arange(1, r + 1)
+            rounds_now = objective.rounds(q, k, a, r)
+            new_k = k.copy()
+            for i in range(n):
+                tcp = system.steps * system.compute_s[i] * (
+                    1 - system.lora_share + system.lora_share * cand / r)
+                tcm = (cand * system.bits_per_rank + system.head_bits) / (
+                    system.channel.config.bandwidth_hz * max(mean_gamma[i], 1e-12))
+                g = (a[i] ** 2 * objective.alpha(cand, r) / q[i]) * best_t \
+                    + rounds_now * q[i] * (tcp + tcm)
+                new_k[i] = int(cand[int(np.argmin(g))])
+            if not np.array_equal(new_k, k):
+                j, t = score(q, new_k)
+                if j < best * (1 - 1e-9):
+                    best, best_t, k, improved = j, t, new_k, True
+        history.append(best)
+        if not improved:
+            break
+    return SamplingPlan(q, k, best, uniform, best_t, history)

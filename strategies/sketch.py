@@ -1,0 +1,116 @@
+"""Paper B as a Flower strategy: LoRA sketching + independent client sampling (arXiv 2505.23555)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedsoft.sampling import unbiased_update
+from fedsoft.sketch import expand_reply, layer_indices
+from fedsoft.sketch_opt import SamplingPlan
+from fedsoft.wallclock import SystemModel
+from strategies.lora_fedavg import LoRAFedAvg
+from strategies.records import to_record
+
+
+class SketchFedAvg(LoRAFedAvg):
+    """Each client n takes part in a round independently with probability q_n (seeded), trains
+    and uploads a sketch of k_n of the r rank components per layer (indices from a shared seed),
+    and the server applies X + eta_s sum (a_n / q_n) Delta_n, an unbiased estimate of the
+    full-participation update (B.1). ``plan`` holds q and k per client (from
+    :func:`fedsoft.sketch_opt.optimize_sampling` or :func:`~fedsoft.sketch_opt.uniform_plan`);
+    ``system`` simulates each round's wall-clock (compute + FDMA upload, B.3).
+
+    ``node_to_client`` maps node ids to client indices (partition ids); ``data_shares`` are the
+    a_n of all N clients. Per-round statistics: ``participants``, ``q``, ``k`` (per client),
+    ``sim_round_s`` and ``sim_wallclock_s`` (cumulative), ``bandwidth_shares``.
+    """
+
+    def __init__(self, plan: SamplingPlan, system: SystemModel, data_shares: np.ndarray, *,
+                 node_to_client: dict[int, int] | None = None, seed: int = 0,
+                 server_lr: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(clients_per_round=max(1, system.num_clients), seed=seed, **kwargs)
+        n = system.num_clients
+        if plan.q.shape != (n,) or plan.k.shape != (n,):
+            raise ValueError(f"plan q/k must have {n} entries, got {plan.q.shape}/{plan.k.shape}")
+        a = np.asarray(data_shares, dtype=np.float64)
+        if a.shape != (n,) or a.sum() <= 0:
+            raise ValueError(f"data_shares must have {n} entries with a positive sum")
+        self.plan = plan
+        self.system = system
+        self.data_shares = a / a.sum()
+        self.node_to_client = dict(node_to_client or {})
+        self.sketch_seed = int(seed)
+        self.server_lr = float(server_lr)
+        self.np_rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(5,)))
+        self.wallclock_s = 0.0
+        self._clients: dict[int, int] = {}
+        self._replied: list[int] = []
+
+    def client_index(self, node_id: int, all_ids: list[int]) -> int:
+        """Client index (partition id) of a node; unknown nodes get their rank among the ids."""
+        idx = self.node_to_client.get(node_id, all_ids.index(node_id))
+        if not 0 <= idx < self.system.num_clients:
+            raise ValueError(f"node {node_id} maps to client {idx}, outside the "
+                             f"{self.system.num_clients} clients of the sampling plan")
+        return idx
+
+    def sample_nodes(self, grid: Grid) -> tuple[list[int], list[int]]:
+        """Independent sampling: node n takes part with probability q_n (may be none)."""
+        _, all_ids = super().sample_nodes(grid)  # waits for min_available_nodes
+        self._clients = {nid: self.client_index(nid, all_ids) for nid in all_ids}
+        draws = self.np_rng.random(len(all_ids))
+        chosen = [nid for nid, u in zip(all_ids, draws, strict=True)
+                  if u < self.plan.q[self._clients[nid]]]
+        return chosen, all_ids
+
+    def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
+        self._replied = []
+        idx = np.array([self._clients[n] for n in node_ids], dtype=np.int64)
+        sim_s, shares = self.system.round(idx, self.plan.k, server_round)
+        self.wallclock_s += sim_s
+        stats = self.round_stats.setdefault(server_round, {})
+        stats.update(participants=len(node_ids), sim_round_s=sim_s,
+                     sim_wallclock_s=self.wallclock_s,
+                     bandwidth_shares=[float(x) for x in shares],
+                     q=[float(x) for x in self.plan.q], k=[int(x) for x in self.plan.k])
+        log(INFO, "round %d: %d participants, simulated round %.2f s (total %.1f s)",
+            server_round, len(node_ids), sim_s, self.wallclock_s)
+
+    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        cfg = super().node_config(server_round, node_id, config)
+        cfg["sketch-k"] = int(self.plan.k[self._clients[node_id]])
+        return cfg
+
+    def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
+                     metrics: MetricRecord) -> dict[str, np.ndarray]:
+        k = int(self.plan.k[self._clients[node_id]])
+        indices = layer_indices(self.global_arrays, k, self.sketch_seed, server_round, node_id)
+        delta = expand_reply(self.global_arrays, arrays, indices)
+        self._replied.append(node_id)
+        return delta
+
+    def combine(self, server_round: int, decoded: list[dict[str, np.ndarray]],
+                weights: list[float]) -> dict[str, np.ndarray]:
+        idx = [self._clients[n] for n in self._replied]
+        stats = self.round_stats.setdefault(server_round, {})
+        dense = int(to_record(self.global_arrays).count_bytes())
+        stats["dense_uplink_bytes"] = int(stats.get("replies_received", len(decoded))) * dense
+        return unbiased_update(self.global_arrays, decoded, self.data_shares[idx],
+                               self.plan.q[idx], self.server_lr)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._replied = []
+        return super().aggregate_train(server_round, replies)
+
+    def summary(self) -> None:
+        log(INFO, "\tSketchFedAvg: independent sampling, E[participants] = %.2f, k = %s",
+            float(self.plan.q.sum()), self.plan.k.tolist())
