@@ -20,7 +20,8 @@ vals       float32 / float16  all kept values, layer by layer, row by row, ascen
 cnt        uint16 (uint32)    kept count per (layer, rank row), length R; uint32 as soon as
                               one layer has ``d + k > 65535``
 pos_mode   uint8              one per layer: 0 = uint16 within-row indices, 1 = bitmap,
-                              2 = implicit (both sides regenerate the mask from a seed)
+                              2 = implicit (both sides regenerate the mask from a seed),
+                              3 = full (every entry kept, e.g. rho = 0: no positions)
 idx        uint16             within-row positions of the index-mode layers, concatenated;
                               present iff some layer has ``pos_mode == 0``
 bmp        uint8              ``np.packbits`` of each bitmap-mode layer's flattened mask, each
@@ -29,7 +30,8 @@ bmp        uint8              ``np.packbits`` of each bitmap-mode layer's flatte
 dense/<n>  float32 / float16  small dense tensor ``<n>`` (e.g. the classifier head), own shape
 ========== ================== ============================================================
 
-Position mode per layer (unless ``implicit_positions``): the smaller of ``2 * kept`` bytes of
+Position mode per layer (unless ``implicit_positions``): ``full`` when every entry is kept,
+else the smaller of ``2 * kept`` bytes of
 indices and ``ceil(r (d + k) / 8)`` bytes of bitmap (ties go to the bitmap); index mode needs
 ``d + k <= 65536``. There is no ``meta``/version array on the wire: each Flower array costs
 about 130 bytes of npy header + key, which would push the MiniLM shape at 90% sparsity below
@@ -55,6 +57,7 @@ __all__ = [
     "FORMAT_VERSION",
     "IDX",
     "MODE_BITMAP",
+    "MODE_FULL",
     "MODE_IMPLICIT",
     "MODE_INDEX",
     "POS_MODE",
@@ -76,6 +79,7 @@ DENSE_PREFIX = "dense/"
 MODE_INDEX = 0
 MODE_BITMAP = 1
 MODE_IMPLICIT = 2
+MODE_FULL = 3
 _MAX_INDEX_ROW = 1 << 16  # uint16 within-row positions address rows of at most 65536 entries
 _MAX_U16_COUNT = (1 << 16) - 1
 _WIRE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
@@ -136,7 +140,10 @@ def _bitmap_bytes(spec: LayerSpec) -> int:
 
 
 def _choose_mode(spec: LayerSpec, kept: int) -> int:
-    """Cheaper explicit position mode: ``2 * kept`` index bytes vs ``ceil(r (d+k) / 8)``."""
+    """Cheaper explicit position mode: none when all is kept (``full``), else ``2 * kept``
+    index bytes vs ``ceil(r (d+k) / 8)`` bitmap bytes."""
+    if kept == spec.r * spec.row_len:
+        return MODE_FULL
     if spec.row_len <= _MAX_INDEX_ROW and 2 * kept < _bitmap_bytes(spec):
         return MODE_INDEX
     return MODE_BITMAP
@@ -331,10 +338,10 @@ def _check_keys(
 
 def _check_modes(payload: Mapping[str, np.ndarray], specs: list[LayerSpec]) -> np.ndarray:
     modes = _get(payload, POS_MODE, np.dtype(np.uint8), len(specs))
-    bad = np.flatnonzero(modes > MODE_IMPLICIT)
+    bad = np.flatnonzero(modes > MODE_FULL)
     if bad.size:
         i = int(bad[0])
-        raise _fail(POS_MODE, f"value {int(modes[i])} for layer {i} not in {{0, 1, 2}}")
+        raise _fail(POS_MODE, f"value {int(modes[i])} for layer {i} not in {{0, 1, 2, 3}}")
     for i, (s, m) in enumerate(zip(specs, modes, strict=True)):
         if m == MODE_INDEX and s.row_len > _MAX_INDEX_ROW:
             raise _fail(
@@ -522,6 +529,12 @@ def decode(
         raise _fail(VALS, f"length {vals.shape[0]} != sum of field 'cnt' = {int(cnt.sum())}")
     _check_finite(vals, VALS)
 
+    for i in np.flatnonzero(modes == MODE_FULL):
+        seg = cnt[row_off[i] : row_off[i + 1]]
+        if np.any(seg != specs[i].row_len):
+            j = int(np.flatnonzero(seg != specs[i].row_len)[0])
+            raise _fail(CNT, f"layer {int(i)} ({specs[i].name!r}) is in full mode (3) but row "
+                             f"{j} keeps {int(seg[j])} of {specs[i].row_len} entries")
     implicit = _check_masks(masks, specs, modes, cnt, row_off)
     indexed = _check_idx(payload, specs, modes, cnt, row_off)
     bitmaps = _check_bmp(payload, specs, modes, cnt, row_off)
@@ -545,6 +558,8 @@ def decode(
             mask = np.zeros((s.r, s.row_len), dtype=bool)
             rows, cols = indexed[i]
             mask[rows, cols] = True
+        elif modes[i] == MODE_FULL:
+            mask = np.ones((s.r, s.row_len), dtype=bool)
         else:
             mask = bitmaps[i] if i in bitmaps else implicit[i]
         values = np.zeros((s.r, s.row_len), dtype=np.float32)

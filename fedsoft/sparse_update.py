@@ -195,7 +195,8 @@ def estimate_payload_bytes(
     kept = [keep_count(s.r, s.d, s.k, sparsity) for s in specs]
     values = item * sum(kept)
     positions = 0 if seeded_positions else sum(
-        min(2 * n, -(-s.r * (s.d + s.k) // 8)) for s, n in zip(specs, kept, strict=True))
+        0 if n == s.r * (s.d + s.k) else min(2 * n, -(-s.r * (s.d + s.k) // 8))
+        for s, n in zip(specs, kept, strict=True))
     counts = 2 * sum(s.r for s in specs) + len(specs)
-    n_arrays = 3 + (0 if seeded_positions else 1) + len(head_sizes)
+    n_arrays = 3 + (1 if positions else 0) + len(head_sizes)
     return values + positions + counts + item * sum(head_sizes) + per_array_overhead * n_arrays

@@ -16,6 +16,7 @@ from fedsoft.codec import (
     CNT,
     IDX,
     MODE_BITMAP,
+    MODE_FULL,
     MODE_IMPLICIT,
     MODE_INDEX,
     POS_MODE,
@@ -213,7 +214,9 @@ def test_position_mode_is_the_smaller_one(case) -> None:
         kept = int(np.count_nonzero(mask))
         index_bytes = 2 * kept
         bitmap_bytes = math.ceil(spec.r * (spec.d + spec.k) / 8)
-        if mode == MODE_INDEX:
+        if kept == mask.size:
+            assert mode == MODE_FULL  # everything kept: no positions at all
+        elif mode == MODE_INDEX:
             assert index_bytes <= bitmap_bytes
             idx_total += index_bytes
         else:
@@ -320,7 +323,9 @@ MALFORMED = {
     "bmp length": (_set(BMP, lambda a: np.append(a, np.uint8(0))), BMP),
     "bmp popcount != cnt": (_set(BMP, lambda a: a ^ np.array([0, 0x01, 0, 0], np.uint8)), BMP),
     "bmp padding bits": (_set(BMP, lambda a: a | np.array([0, 0, 0, 0x01], np.uint8)), BMP),
-    "pos_mode value": (_assign(POS_MODE, 0, 3), POS_MODE),
+    "pos_mode value": (_assign(POS_MODE, 0, 4), POS_MODE),
+    "pos_mode full with partial counts": (
+        lambda p: (_assign(POS_MODE, 0, MODE_FULL)(p), p.pop(IDX)), CNT),
     "pos_mode length": (_set(POS_MODE, lambda a: a[:1]), POS_MODE),
     "pos_mode implicit without masks": (
         lambda p: (_assign(POS_MODE, 1, MODE_IMPLICIT)(p), p.pop(BMP)),
@@ -535,3 +540,13 @@ def test_fuzzed_payload_raises_codec_error_or_decodes_consistently(base, mutatio
     np.testing.assert_array_equal(np.concatenate(vals), payload[VALS].astype(np.float32))
     assert set(dense) == {"head"}
     assert dense["head"].shape == (2, 3) and np.isfinite(dense["head"]).all()
+
+
+def test_full_layers_send_no_positions() -> None:
+    rng = np.random.default_rng(3)
+    spec = LayerSpec("l", 3, 4, 5)
+    values = rng.standard_normal((3, 9)).astype(np.float32)
+    payload = encode([(spec, values, np.ones((3, 9), dtype=bool))])
+    assert payload[POS_MODE].tolist() == [MODE_FULL] and IDX not in payload and BMP not in payload
+    (out, mask), = decode(payload, [spec])[0]
+    assert mask.all() and np.array_equal(out, values)
