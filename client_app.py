@@ -35,7 +35,7 @@ def train(msg: Message, context: Context) -> Message:
         node_id=int(context.node_id),
         sparsity=float(extras["sparsity-ratio"]) if "sparsity-ratio" in extras else None,
         ef_state=ef_state,
-        sketch_k=int(extras["sketch-k"]) if "sketch-k" in extras else None,
+        sketch_k=int(extras["sketch-size"]) if "sketch-size" in extras else None,
     )
     if ef_new is not None:
         context.state[EF_KEY] = to_record(ef_new)

@@ -65,8 +65,12 @@ def main(grid: Grid, context: Context) -> None:
     work = workload.build_workload(cfg)
     tsfa = None
     if cfg["strategy"] in ("tsfa", "osfa"):
-        dk = sum(s.d + s.k for s in lora.factor_shapes(work.model))
-        tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids), d_plus_k_total=dk)
+        shapes = lora.factor_shapes(work.model)
+        heads = [v.size for k, v in lora.to_arrays(work.model).items()
+                 if k.startswith(lora.HEAD_PREFIX)]
+        payload = tsfa_plan.payload_bits_fn(cfg, [(s.name, s.d, s.k) for s in shapes], heads)
+        tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids),
+                              d_plus_k_total=sum(s.d + s.k for s in shapes), payload_bits=payload)
         if tsfa.offline is not None:
             table = tsfa_plan.offline_table(tsfa.offline)
             (run.dir / "offline.json").write_text(json.dumps(table, indent=2))
@@ -101,14 +105,16 @@ def main(grid: Grid, context: Context) -> None:
         print(progress_line(row, num_rounds), flush=True)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
+    initial = to_record(lora.to_arrays(work.model))
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_record(lora.to_arrays(work.model)),
+        initial_arrays=initial,
         num_rounds=num_rounds,
         timeout=float(cfg["round-timeout"]),
         train_config=ConfigRecord(dict(cfg)),
         evaluate_fn=evaluate_fn,
     )
-    lora.from_arrays(work.model, to_numpy(result.arrays))
+    # no aggregated round at all (every reply failed): the adapter is the initial one
+    lora.from_arrays(work.model, to_numpy(result.arrays if len(result.arrays) else initial))
     work.model.save_pretrained(str(run.dir / "adapter"))
     print(f"[fedsoft] done: metrics {run.metrics_path}, adapter {run.dir / 'adapter'}", flush=True)

@@ -87,7 +87,7 @@ def local_round(
     }
     local_arrays = lora.to_arrays(work.model)
     if indices is not None:
-        metrics["sketch-k"] = int(sketch_k)
+        metrics["sketch-size"] = int(sketch_k)
         return sketch_reply(global_arrays, local_arrays, indices), metrics, None
     if str(cfg["sparsifier"]) == "dense":
         return local_arrays, metrics, None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,6 +108,25 @@ def rho_star(
     return max(lo, 1.0 - tb * bw / (r * dk * qq * s))
 
 
+def _rho_star_payload(delay: Callable[[float], float], T_bar: float, lo: float,
+                      hi: float) -> float:
+    """Smallest rho in [lo, hi] with delay(rho) <= T_bar (delay non-increasing); > hi if none."""
+    if delay(lo) <= T_bar:
+        return lo
+    if delay(hi) > T_bar:
+        return min(1.0 - 1e-9, hi + 1e-6)  # infeasible marker just above rho_max
+    a, b = lo, hi
+    for _ in range(100):
+        mid = 0.5 * (a + b)
+        if delay(mid) <= T_bar:
+            b = mid
+        else:
+            a = mid
+        if b - a < 1e-12:
+            break
+    return b
+
+
 @dataclass(frozen=True)
 class RankOption:
     """Offline table row: rank r, rho*(r) (eq. 29), Phi^0(r, rho*), feasibility, nominal delay."""
@@ -142,12 +161,17 @@ def choose_rank(
     inv_gamma_sum: float,
     rho_min: float = 0.0,
     rho_max: float = 0.99,
+    payload_bits: Callable[[int, float], float] | None = None,
 ) -> OfflineResult:
     """Exhaustive offline rank search of P2 (eqs. 25-29, A.10).
 
     For every candidate r: rho*(r) by eq. (29); r is infeasible when rho*(r) > rho_max; otherwise
     J(r) = Phi^0(r, rho*(r)) (A.8 surrogate). r* = argmin over feasible r (smallest r on ties).
     ``d_plus_k_total`` is sum over adapted layers of (d_l + k_l), so the payload is r (d+k) q.
+    With ``payload_bits(r, rho)`` (the real encoded size of one client's upload, positions and
+    dense head included, non-increasing in rho) rho*(r) is instead the smallest rho whose
+    nominal delay payload_bits(r, rho) S / B_tot meets T_bar (bisection; eq. 29 is the
+    values-only special case).
 
     Raises:
         InfeasibleLatencyError: every candidate rank needs rho > rho_max; the message names
@@ -167,17 +191,26 @@ def choose_rank(
     bw = _positive("bandwidth_hz", bandwidth_hz)
     s = _positive("inv_gamma_sum", inv_gamma_sum)
     table: dict[int, RankOption] = {}
+    def delay(rho: float, r: int) -> float:
+        if payload_bits is None:
+            return _nominal_delay(rho, r, dk, qq, s, bw)
+        return float(payload_bits(r, rho)) * s / bw
+
     for r in sorted(cand):
-        rho = rho_star(
-            r, d_plus_k_total=dk, q=qq, T_bar=tb, bandwidth_hz=bw, inv_gamma_sum=s, rho_min=lo
-        )
+        if payload_bits is None:
+            rho = rho_star(
+                r, d_plus_k_total=dk, q=qq, T_bar=tb, bandwidth_hz=bw, inv_gamma_sum=s,
+                rho_min=lo,
+            )
+        else:
+            rho = _rho_star_payload(lambda x, r=r: delay(x, r), tb, lo, hi)
         feasible = rho <= hi
-        phi0 = float(bound.value(r, rho))
-        table[r] = RankOption(r, rho, phi0, feasible, _nominal_delay(rho, r, dk, qq, s, bw))
+        phi0 = float(bound.value(r, min(rho, 1.0 - 1e-12)))
+        table[r] = RankOption(r, rho, phi0, feasible, delay(min(rho, hi), r))
     feasible_rows = [row for row in table.values() if row.feasible]
     if not feasible_rows:
         r_min = min(cand)
-        best = _nominal_delay(hi, r_min, dk, qq, s, bw)
+        best = delay(hi, r_min)
         raise InfeasibleLatencyError(
             f"every candidate rank {sorted(cand)} is infeasible for latency budget T_bar={tb!r} s: "
             f"the smallest achievable nominal delay is {best!r} s (rank {r_min} at "
@@ -199,6 +232,7 @@ def choose_rank_for_channel(
     rho_max: float = 0.99,
     nominal: Literal["scaled", "representative"] = "scaled",
     representatives: Sequence[int] | None = None,
+    payload_bits: Callable[[int, float], float] | None = None,
 ) -> OfflineResult:
     """``choose_rank`` with S from the channel's mean gains D^-kappa (average channel, A.10)."""
     if not isinstance(channel, Channel):
@@ -216,6 +250,7 @@ def choose_rank_for_channel(
         inv_gamma_sum=s,
         rho_min=rho_min,
         rho_max=rho_max,
+        payload_bits=payload_bits,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +11,12 @@ import numpy as np
 from fedsoft.bound import BoundConstants
 from fedsoft.calibration import load_calibration
 from fedsoft.channel import Channel, ChannelConfig
+from fedsoft.client_update import sparse_settings
+from fedsoft.codec import LayerSpec
 from fedsoft.config import parse_int_list
 from fedsoft.offline import OfflineResult, choose_rank_for_channel
 from fedsoft.online import OSFAController, TSFAController
+from fedsoft.sparse_update import estimate_payload_bytes
 
 
 @dataclass
@@ -72,11 +75,30 @@ def bound_constants(cfg: Mapping[str, Any]) -> BoundConstants:
     )
 
 
-def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int) -> TSFAPlan:
+def payload_bits_fn(cfg: Mapping[str, Any], layer_dims: Sequence[tuple[str, int, int]],
+                    head_sizes: Sequence[int]) -> Callable[[int, float], float]:
+    """(r, rho) -> bits of one client's encoded upload at rank r (values in ``wire-dtype``,
+    positions as the codec sends them for ``sparsifier``, counts, dense head, Flower framing).
+    ``layer_dims`` are (name, d, k) of the adapted layers."""
+    dtype = str(cfg["wire-dtype"])
+    seeded = bool(sparse_settings(cfg, 0.0).make().positions_from_seed)
+
+    def bits(rank: int, rho: float) -> float:
+        specs = [LayerSpec(name, int(rank), d, k) for name, d, k in layer_dims]
+        return 8.0 * estimate_payload_bytes(specs, list(head_sizes), float(rho), dtype=dtype,
+                                            seeded_positions=seeded)
+
+    return bits
+
+
+def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
+         payload_bits: Callable[[int, float], float] | None = None) -> TSFAPlan:
     """Offline stage for ``strategy = tsfa`` (rank r* from the mean channel, Lemma 2) or the
     user-fixed rank for ``osfa``; then the online controller (eqs. 30-41).
 
-    ``d_plus_k_total`` is sum over adapted layers of d_l + k_l (payload r (d+k) q, eq. 6).
+    ``d_plus_k_total`` is sum over adapted layers of d_l + k_l (payload r (d+k) q, eq. 6);
+    ``payload_bits`` (see :func:`payload_bits_fn`) makes the offline stage use the real encoded
+    upload size instead of the values-only count of eq. (29).
     """
     channel = Channel(channel_config(cfg, num_clients), seed=int(cfg["seed"]))
     bound = bound_constants(cfg)
@@ -100,6 +122,7 @@ def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int) -> TSFAP
         rho_min=float(cfg["sparsity-min"]),
         rho_max=float(cfg["sparsity-max"]),
         nominal=str(cfg["offline-nominal"]),
+        payload_bits=payload_bits,
     )
     controller = TSFAController.from_offline(result, bound, **common)
     return TSFAPlan(channel, bound, result.r_star, controller, result)

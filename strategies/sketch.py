@@ -85,7 +85,7 @@ class SketchFedAvg(LoRAFedAvg):
 
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
         cfg = super().node_config(server_round, node_id, config)
-        cfg["sketch-k"] = int(self.plan.k[self._clients[node_id]])
+        cfg["sketch-size"] = int(self.plan.k[self._clients[node_id]])
         return cfg
 
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],

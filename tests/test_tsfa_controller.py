@@ -226,6 +226,22 @@ def test_offline_rank_infeasible_above_rho_max() -> None:
     assert res.table[4].rho == pytest.approx(0.95, abs=1e-12)
 
 
+def test_offline_with_the_real_payload() -> None:
+    b = BoundConstants(sigma_bar=1.0)
+    kw = _offline_kwargs(0.5 * 8 * DK * 32 * 0.5 / 1e6)
+    values_only = choose_rank([2, 4, 8], b, rho_min=0.0, rho_max=0.99, **kw)
+    same = choose_rank([2, 4, 8], b, rho_min=0.0, rho_max=0.99, **kw,
+                       payload_bits=lambda r, rho: (1 - rho) * r * DK * 32)
+    for r in (2, 4, 8):  # the values-only payload reproduces eq. (29)
+        assert same.table[r].rho == pytest.approx(values_only.table[r].rho, abs=1e-9)
+    overhead = 20_000.0  # positions + head + framing, bits
+    real = choose_rank([2, 4, 8], b, rho_min=0.0, rho_max=0.99, **kw,
+                       payload_bits=lambda r, rho: (1 - rho) * r * DK * 32 + overhead)
+    for r in (4, 8):  # rows that need sparsification: larger rho, nominal delay exactly T_bar
+        assert real.table[r].rho > values_only.table[r].rho
+        assert real.table[r].nominal_delay == pytest.approx(kw["T_bar"], rel=1e-6)
+
+
 def test_offline_impossible_budget_raises() -> None:
     b = BoundConstants(sigma_bar=1.0)
     t_bar = 1e-6
