@@ -107,6 +107,7 @@ _SCHEMA: dict[str, Key] = {
     "compute-heterogeneity": Key(0.5, _non_negative, ">= 0 (log-normal sigma)"),
     "compute-lora-share": Key(0.3, lambda v: 0 <= v <= 1, "0 <= compute-lora-share <= 1"),
     "bandwidth-allocation": Key("equal_finish", *_choice("equal_finish", "equal")),
+    "round-overhead-s": Key(1.0, _non_negative, ">= 0 seconds"),
     "device": Key("auto", *_choice("auto", "cpu", "cuda")),
     "run-dir": Key("", None, "a path or empty"),
     "round-timeout": Key(3600.0, _positive, "> 0 seconds"),

@@ -1,8 +1,11 @@
 """Choosing sampling probabilities q and sketch sizes k to cut wall-clock time (paper B, B.4-B.5).
 
 Objective (B.5): J(q, k) = R_eps(q, k) * E[T_r(q, k)] with rounds-to-accuracy (B.4)
-R_eps = alpha0 + sum_n a_n^2 alpha_n(k_n) / q_n and alpha_n(k) = alpha1 (1 + xi (r / k - 1))
-(sketching inflates the variance like r / k, as in FSLoRA; xi = 0 ignores it), and E[T_r] the
+R_eps = alpha0 (1 + max_n a_n (1 - q_n) / q_n) + sum_n a_n^2 alpha_n(k_n) / q_n and
+alpha_n(k) = alpha1 (1 + xi (r / k - 1)). The first factor is B.4's step-size condition
+eta <~ 1 / (L H (1 + max_n a_n (1 - q_n) / q_n)) carried into the (F0 - F*) / (eta H R) term
+(PROPOSED-M): without it rarely sampled clients look free and the optimum collapses to q_min;
+sketching inflates the variance like r / k, as in FSLoRA (xi = 0 ignores it); E[T_r] is the
 Monte-Carlo expected round time of :class:`fedsoft.wallclock.SystemModel`. Constraint: the
 expected number of participants sum_n q_n is at most the budget (the same budget as uniform
 sampling), q_n in [q_min, 1], k_n in [1, r].
@@ -47,8 +50,10 @@ class SketchObjective:
         return self.alpha1 * (1.0 + self.xi * (rank / np.asarray(k, dtype=np.float64) - 1.0))
 
     def rounds(self, q: np.ndarray, k: np.ndarray, a: np.ndarray, rank: int) -> float:
-        """R_eps(q, k) up to the 1/eps factor."""
-        return float(self.alpha0 + np.sum(a**2 * self.alpha(k, rank) / q))
+        """R_eps(q, k) up to the 1/eps factor (B.4, see the module docstring)."""
+        q = np.asarray(q, dtype=np.float64)
+        step = 1.0 + float(np.max(a * (1.0 - q) / q))
+        return float(self.alpha0 * step + np.sum(a**2 * self.alpha(k, rank) / q))
 
 
 @dataclass

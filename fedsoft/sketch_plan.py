@@ -30,6 +30,7 @@ def system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_t
         head_bits=float(head_values * cc.bits_per_value),
         channel=Channel(cc, seed=int(cfg["seed"])),
         allocation=str(cfg["bandwidth-allocation"]),  # type: ignore[arg-type]
+        round_overhead_s=float(cfg["round-overhead-s"]),
     )
 
 

@@ -5,6 +5,8 @@ the sketch, the frozen backbone does not), then upload M_n(k_n) = (k_n sum_l (d_
 q bits at rate b_n B_tot Gamma_n. The round ends when the slowest participant has uploaded.
 Bandwidth among the participants K: ``equal`` (b_n = 1/|K|, the ICC'24 code) or
 ``equal_finish`` (everyone finishes together: sum_n t_cm_n / (T - t_cp_n) = 1, bisection).
+Every round, empty or not, also costs a fixed ``round_overhead_s`` (server synchronisation and
+the broadcast of the global adapter; PROPOSED-L, a run-config value).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class SystemModel:
         head_bits: upload bits of the dense head.
         channel: the channel model (distances, fading, P, sigma^2, B_tot).
         allocation: ``equal`` or ``equal_finish`` bandwidth among the participants.
+        round_overhead_s: fixed seconds every round costs, empty rounds included.
     """
 
     compute_s: np.ndarray
@@ -91,8 +94,10 @@ class SystemModel:
     head_bits: float
     channel: Channel
     allocation: Allocation = "equal_finish"
+    round_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
+        nonneg("round_overhead_s", self.round_overhead_s)
         if self.compute_s.shape != (self.channel.config.num_clients,):
             raise ValueError(f"compute_s must have one value per client "
                              f"({self.channel.config.num_clients}), got {self.compute_s.shape}")
@@ -117,14 +122,16 @@ class SystemModel:
 
     def round(self, participants: np.ndarray, k: np.ndarray, server_round: int
               ) -> tuple[float, np.ndarray]:
-        """(T_r, shares) for the participants with this round's fading (Channel.draw)."""
+        """(T_r, shares) for the participants with this round's fading (Channel.draw),
+        ``round_overhead_s`` included."""
         idx = np.asarray(participants, dtype=np.int64)
         if idx.size == 0:
-            return 0.0, np.zeros(0)
+            return self.round_overhead_s, np.zeros(0)
         gamma = self.channel.spectral_eff(self.channel.draw(server_round))
         k = np.asarray(k, dtype=np.float64)
-        return round_time(self.compute_time(k)[idx], self.upload_time(k, gamma)[idx],
-                          self.allocation)
+        t, shares = round_time(self.compute_time(k)[idx], self.upload_time(k, gamma)[idx],
+                               self.allocation)
+        return self.round_overhead_s + t, shares
 
     def expected_round_time(self, q: np.ndarray, k: np.ndarray, draws: int = 256,
                             seed: int = 0) -> float:
@@ -137,7 +144,7 @@ class SystemModel:
         fade = rng.exponential(1.0, size=(draws, self.num_clients))
         mean_g = self.channel.mean_gains()
         t_cp = self.compute_time(k)
-        total = 0.0
+        total = self.round_overhead_s * draws
         for j in range(draws):
             part = np.flatnonzero(u[j] < q)
             if part.size == 0:

@@ -180,9 +180,14 @@ def _system(n=8, het=1.0, rank=8, allocation="equal_finish"):
                        allocation)
 
 
-def test_empty_round_costs_nothing_and_expected_time_grows_with_q():
+def test_round_overhead_and_expected_time_grows_with_q():
     s = _system()
     assert s.round(np.array([], dtype=int), np.full(8, 4), 1) == (0.0, pytest.approx([]))
+    slow = SystemModel(s.compute_s, 10, 0.3, 8, 32 * 2000, 32 * 500, s.channel,
+                       round_overhead_s=2.0)
+    assert slow.round(np.array([], dtype=int), np.full(8, 4), 1)[0] == 2.0
+    assert slow.round(np.array([0, 3]), np.full(8, 4), 1)[0] == pytest.approx(
+        2.0 + s.round(np.array([0, 3]), np.full(8, 4), 1)[0])
     k = np.full(8, 4)
     times = [s.expected_round_time(np.full(8, q), k, draws=64) for q in (0.1, 0.5, 1.0)]
     assert times[0] < times[1] < times[2]
