@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsoft.client_state import load_ef, save_ef, simulated_failure
 from fedsoft.client_update import local_round
 from fedsoft.config import split_message_config
 from strategies.records import to_numpy, to_record
@@ -25,22 +28,49 @@ def train(msg: Message, context: Context) -> Message:
     The error-feedback memory (eqs. 11-14) stays on this node in ``context.state`` across rounds.
     """
     cfg, extras = split_message_config(dict(msg.content["config"]))
-    ef_state = to_numpy(context.state[EF_KEY]) if EF_KEY in context.state else None
+    partition_id = int(context.node_config["partition-id"])
+    server_round = int(extras.get("server-round", 0))
+    if simulated_failure(int(cfg["seed"]), server_round, partition_id,
+                         float(cfg["fail-fraction"])):
+        if cfg["fail-mode"] == "timeout":
+            time.sleep(float(cfg["round-timeout"]) + 5.0)
+        raise RuntimeError(f"simulated failure of partition {partition_id} in round "
+                           f"{server_round} (fail-fraction = {cfg['fail-fraction']})")
+    state_dir = _state_dir(cfg, context)
+    if EF_KEY in context.state:
+        ef_state = to_numpy(context.state[EF_KEY])
+    elif state_dir is not None:  # a restarted node or a resumed run: continue from disk
+        ef_state, _ = load_ef(state_dir, partition_id, server_round)
+    else:
+        ef_state = None
     arrays, metrics, ef_new = local_round(
         cfg,
         to_numpy(msg.content["arrays"]),
-        partition_id=int(context.node_config["partition-id"]),
+        partition_id=partition_id,
         num_partitions=int(context.node_config["num-partitions"]),
-        server_round=int(extras.get("server-round", 0)),
-        node_id=int(context.node_id),
+        server_round=server_round,
+        node_id=int(extras.get("client-key", context.node_id)),  # the server's seed key
         sparsity=float(extras["sparsity-ratio"]) if "sparsity-ratio" in extras else None,
         ef_state=ef_state,
         sketch_k=int(extras["sketch-size"]) if "sketch-size" in extras else None,
     )
     if ef_new is not None:
         context.state[EF_KEY] = to_record(ef_new)
+        if state_dir is not None:
+            save_ef(state_dir, partition_id, server_round, ef_new,
+                    keep_every=int(cfg["checkpoint-every"]))
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def _state_dir(cfg: dict, context: Context) -> Path | None:
+    """Where this node keeps its error memory: node-config ``state-dir``, ``client-state-dir``,
+    or ``<run-dir>/client-state``; None when none is known."""
+    if context.node_config.get("state-dir"):
+        return Path(str(context.node_config["state-dir"]))
+    if cfg["client-state-dir"]:
+        return Path(str(cfg["client-state-dir"]))
+    return Path(str(cfg["run-dir"])) / "client-state" if cfg["run-dir"] else None
 
 
 @app.query()

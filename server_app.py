@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoft import data, lora, sketch_plan, tsfa_plan, workload
+from fedsoft import checkpoint, data, lora, sketch_plan, tsfa_plan, workload
 from fedsoft.calibration import append_scores, layer_scores
 from fedsoft.config import resolve
 from fedsoft.models import pick_device
@@ -56,7 +56,11 @@ def sketch_setup(cfg, work, num_clients: int, run_dir: Path):
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds with server-side evaluation after each."""
     cfg = resolve(context.run_config, APP_DIR / "conf")
-    run_dir = cfg["run-dir"] or default_run_dir(str(cfg["strategy"]))
+    resume = checkpoint.load(str(cfg["resume-from"])) if cfg["resume-from"] else None
+    if resume is not None and not cfg["run-dir"]:  # continue in the checkpoint's run directory
+        cfg["run-dir"] = str(resume[2]["config"]["run-dir"])
+    run_dir = Path(cfg["run-dir"] or default_run_dir(str(cfg["strategy"]))).resolve()
+    cfg["run-dir"] = str(run_dir)  # clients keep their error memory under it (simulation)
     run = RunLog(run_dir, cfg)
     num_rounds = int(cfg["num-server-rounds"])
     print(f"[fedsoft] run dir: {run.dir}", flush=True)
@@ -81,11 +85,23 @@ def main(grid: Grid, context: Context) -> None:
     test = workload.test_loader(cfg, work)
     device = pick_device(str(cfg["device"]))
     sketch = cfg["strategy"] == "sketch"
-    node_to_partition = discover_partitions(grid, node_ids) if tsfa or sketch else {}
+    node_to_partition = discover_partitions(grid, node_ids)  # stable client identities
     sampling = None
     if sketch:
         sampling = sketch_setup(cfg, work, len(node_ids), run.dir)
     strategy = make_strategy(cfg, tsfa=tsfa, sampling=sampling, node_to_client=node_to_partition)
+    initial_arrays = lora.to_arrays(work.model)
+    first_round = 1
+    if resume is not None:
+        done, saved_arrays, state = resume
+        checkpoint.check_compatible(state["config"], cfg)
+        lora.check_arrays(work.model, saved_arrays)
+        initial_arrays = saved_arrays
+        strategy.load_state_dict(state["strategy"])
+        run.restore(state["metrics"])
+        first_round = done + 1
+        print(f"[fedsoft] resumed from {cfg['resume-from']} after round {done}", flush=True)
+    every = int(cfg["checkpoint-every"])
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         lora.from_arrays(work.model, to_numpy(arrays))
@@ -103,13 +119,21 @@ def main(grid: Grid, context: Context) -> None:
                if k not in ("num_clients", "uplink_bytes", "sampled")},
         })
         print(progress_line(row, num_rounds), flush=True)
+        if every and server_round > 0 and (server_round % every == 0 or server_round == num_rounds):
+            path = checkpoint.save(
+                run.dir / "checkpoints", server_round, to_numpy(arrays),
+                {"config": cfg, "strategy": strategy.state_dict(), "metrics": run.rows},
+                save_adapter=lambda p: work.model.save_pretrained(str(p)),
+            )
+            print(f"[fedsoft] checkpoint {path}", flush=True)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    initial = to_record(lora.to_arrays(work.model))
+    initial = to_record(initial_arrays)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=num_rounds,
+        first_round=first_round,
         timeout=float(cfg["round-timeout"]),
         train_config=ConfigRecord(dict(cfg)),
         evaluate_fn=evaluate_fn,

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedsoft import lora, workload
 from fedsoft.error_feedback import ErrorFeedback
@@ -64,6 +65,9 @@ def local_round(
     if sketch_k is not None:
         indices = layer_indices(global_arrays, int(sketch_k), int(cfg["seed"]), server_round,
                                 node_id)
+    # dropout & co.: seeded per (run, round, partition) so the same seed gives the same run
+    torch.manual_seed(int(np.random.SeedSequence(
+        [int(cfg["seed"]), server_round, partition_id]).generate_state(1)[0]))
     t0 = time.perf_counter()
     with sketched_training(work.model, indices) if indices is not None else nullcontext():
         result = train_local(

@@ -464,6 +464,30 @@ class TSFAController:
         return q_next
 
 
+    def state_dict(self) -> dict[str, object]:
+        """JSON-able state between rounds (queue, history, running sums) for checkpoints."""
+        if self._pending is not None:
+            raise RuntimeError("state_dict() between step() and observe()")
+        return {"queue": self.queue.value, "round": self._round,
+                "latency_sum": self._latency_sum, "rho_sum": self._rho_sum,
+                "rho": list(self.history.rho), "latency": list(self.history.latency),
+                "queue_history": list(self.history.queue)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the same rank, bound and channel are assumed)."""
+        try:
+            self.queue._q = _nonneg("queue", float(state["queue"]))
+            self._round = int(state["round"])
+            self._latency_sum = float(state["latency_sum"])
+            self._rho_sum = float(state["rho_sum"])
+            self.history = _History([float(x) for x in state["rho"]],
+                                    [float(x) for x in state["latency"]],
+                                    [float(x) for x in state["queue_history"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"controller state: malformed checkpoint ({exc})") from exc
+        self._pending = None
+
+
 class OSFAController(TSFAController):
     """One-stage baseline (Sec. V-B): the same online stage at a user-fixed rank, no offline."""
 

@@ -39,6 +39,13 @@ class RunLog:
         self.t0 = time.time()
         self.rows: list[dict[str, Any]] = []
 
+    def restore(self, rows: list[Mapping[str, Any]]) -> None:
+        """Start from the rows of a checkpoint (resume): rewrite metrics.jsonl, keep wall_s."""
+        self.rows = [dict(r) for r in rows]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        if self.rows:
+            self.t0 = time.time() - float(self.rows[-1].get("wall_s", 0.0))
+
     def append(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Add ``wall_s`` and write the row; returns what was written."""
         out = _jsonable({**row, "wall_s": round(time.time() - self.t0, 3)})

@@ -30,6 +30,8 @@ def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
         clients_per_round=int(cfg["clients-per-round"]),
         min_available_nodes=int(cfg["min-available-nodes"]),
         seed=int(cfg["seed"]),
+        min_replies=int(cfg["min-replies"]),
+        node_to_client=node_to_client,
     )
     if name == "fedavg":
         if str(cfg["sparsifier"]) == "dense":
@@ -39,12 +41,11 @@ def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
         if tsfa is None:
             raise ValueError(f"strategy = {name!r} needs a TSFA plan (fedsoft.tsfa_plan.plan)")
         return TSFA(settings=sparse_settings(cfg), controller=tsfa.controller,
-                    channel=tsfa.channel, node_to_client=node_to_client, **common)
+                    channel=tsfa.channel, **common)
     if name == "sketch":
         if sampling is None:
             raise ValueError("strategy = 'sketch' needs a sampling plan (fedsoft.sketch_plan)")
         plan, system, sizes = sampling
-        return SketchFedAvg(plan, system, sizes, node_to_client=node_to_client,
-                            seed=int(cfg["seed"]), server_lr=float(cfg["server-lr"]),
-                            min_available_nodes=int(cfg["min-available-nodes"]))
+        rest = {k: v for k, v in common.items() if k != "clients_per_round"}  # all nodes may go
+        return SketchFedAvg(plan, system, sizes, server_lr=float(cfg["server-lr"]), **rest)
     raise ValueError(f"strategy = {name!r}: not available")

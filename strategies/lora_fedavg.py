@@ -41,6 +41,8 @@ class LoRAFedAvg(FedAvg):
         seed: int = 0,
         weighted_by_key: str = "num-examples",
         node_wait_timeout: float = 600.0,
+        min_replies: int = 1,
+        node_to_client: dict[int, int] | None = None,
     ) -> None:
         if clients_per_round < 1:
             raise ValueError(f"clients-per-round = {clients_per_round}: must be >= 1")
@@ -53,12 +55,54 @@ class LoRAFedAvg(FedAvg):
             weighted_by_key=weighted_by_key,
         )
         self.clients_per_round = clients_per_round
+        if min_replies < 1:
+            raise ValueError(f"min-replies = {min_replies}: must be >= 1")
+        self.min_replies = int(min_replies)
+        self.node_to_client: dict[int, int] = dict(node_to_client or {})
         self.rng = random.Random(seed)
         self.node_wait_timeout = node_wait_timeout
         self.round_stats: dict[int, dict[str, Any]] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self._round_t0 = time.perf_counter()
         self.reply_bytes: dict[int, int] = {}  # node id -> bytes received this round (valid)
+
+    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              first_round: int = 1, evaluate_fn: Any = None, **kwargs: Any) -> Any:
+        """Flower's ``Strategy.start``; ``first_round`` > 1 resumes a run: rounds keep their
+        numbers (seeds, channel draws and logs depend on them), ``num_rounds`` stays the total,
+        and the round-0 evaluation is skipped."""
+        off = int(first_round) - 1
+        if off < 0:
+            raise ValueError(f"first_round = {first_round}: must be >= 1")
+        if off == 0:
+            return super().start(grid=grid, initial_arrays=initial_arrays,
+                                 num_rounds=num_rounds, evaluate_fn=evaluate_fn, **kwargs)
+        names = ("configure_train", "aggregate_train")
+        saved = {k: self.__dict__[k] for k in names if k in self.__dict__}
+        configure, aggregate = self.configure_train, self.aggregate_train
+        self.configure_train = lambda r, *a, **k: configure(r + off, *a, **k)  # type: ignore
+        self.aggregate_train = lambda r, *a, **k: aggregate(r + off, *a, **k)  # type: ignore
+        shifted = None if evaluate_fn is None else (
+            lambda r, arrays: None if r == 0 else evaluate_fn(r + off, arrays))
+        try:
+            return super().start(grid=grid, initial_arrays=initial_arrays,
+                                 num_rounds=max(num_rounds - off, 0), evaluate_fn=shifted,
+                                 **kwargs)
+        finally:
+            for k in names:
+                self.__dict__.pop(k, None)
+            self.__dict__.update(saved)
+
+    # -- checkpoint state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able strategy state between rounds (sampling RNG); subclasses extend it."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (e.g. when a run resumes from a checkpoint)."""
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
 
     # -- sampling -------------------------------------------------------------------------
     def sample_nodes(self, grid: Grid) -> tuple[list[int], list[int]]:
@@ -73,7 +117,20 @@ class LoRAFedAvg(FedAvg):
             log(INFO, "waiting for SuperNodes: %d/%d", len(all_ids), self.min_available_nodes)
             time.sleep(1.0)
         k = min(self.clients_per_round, len(all_ids))
-        return sorted(self.rng.sample(all_ids, k)), all_ids
+        all_ids = self.stable_order(all_ids)
+        return self.rng.sample(all_ids, k), all_ids
+
+    def client_key(self, node_id: int) -> int:
+        """A node's stable identity for seeds: its partition id when known, else its node id.
+
+        Simulated node ids are random per run; partition ids are not, so keying sampling,
+        seeded positions and sketch indices on them makes a seed reproduce a run."""
+        return int(self.node_to_client.get(node_id, node_id))
+
+    def stable_order(self, node_ids: list[int]) -> list[int]:
+        """Node ids ordered by client key (partition id), unknown nodes last by id."""
+        return sorted(node_ids, key=lambda n: (n not in self.node_to_client,
+                                               self.node_to_client.get(n, 0), n))
 
     def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
         """Hook after sampling, before messages are built (TSFA decides rho and bandwidth)."""
@@ -82,6 +139,7 @@ class LoRAFedAvg(FedAvg):
         """Per-node ConfigRecord; subclasses add their per-node values (ratio, bandwidth)."""
         cfg = ConfigRecord(dict(config))
         cfg["server-round"] = server_round
+        cfg["client-key"] = self.client_key(node_id)
         return cfg
 
     def configure_train(
@@ -162,8 +220,10 @@ class LoRAFedAvg(FedAvg):
         stats.update(num_clients=len(decoded), uplink_bytes=uplink, dropped=len(dropped),
                      replies_received=received,
                      round_s=round(round_s, 3), train_s=round(train_s, 3))
-        if not decoded:
-            log(WARNING, "round %d: no valid replies, global model unchanged", server_round)
+        if len(decoded) < self.min_replies:
+            log(WARNING, "round %d: %d valid replies < min-replies = %d, global model unchanged",
+                server_round, len(decoded), self.min_replies)
+            stats["skipped"] = 1
             return None, None
         new_arrays = self.combine(server_round, decoded, weights)
         train_loss = float(np.average(losses, weights=weights)) if len(losses) == len(weights) \

@@ -35,7 +35,8 @@ class SketchFedAvg(LoRAFedAvg):
     def __init__(self, plan: SamplingPlan, system: SystemModel, data_shares: np.ndarray, *,
                  node_to_client: dict[int, int] | None = None, seed: int = 0,
                  server_lr: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(clients_per_round=max(1, system.num_clients), seed=seed, **kwargs)
+        super().__init__(clients_per_round=max(1, system.num_clients), seed=seed,
+                         node_to_client=node_to_client, **kwargs)
         n = system.num_clients
         if plan.q.shape != (n,) or plan.k.shape != (n,):
             raise ValueError(f"plan q/k must have {n} entries, got {plan.q.shape}/{plan.k.shape}")
@@ -45,13 +46,21 @@ class SketchFedAvg(LoRAFedAvg):
         self.plan = plan
         self.system = system
         self.data_shares = a / a.sum()
-        self.node_to_client = dict(node_to_client or {})
         self.sketch_seed = int(seed)
         self.server_lr = float(server_lr)
         self.np_rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(5,)))
         self.wallclock_s = 0.0
         self._clients: dict[int, int] = {}
         self._replied: list[int] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "np_rng": self.np_rng.bit_generator.state,
+                "wallclock_s": self.wallclock_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.np_rng.bit_generator.state = state["np_rng"]
+        self.wallclock_s = float(state["wallclock_s"])
 
     def client_index(self, node_id: int, all_ids: list[int]) -> int:
         """Client index (partition id) of a node; unknown nodes get their rank among the ids."""
@@ -91,7 +100,8 @@ class SketchFedAvg(LoRAFedAvg):
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:
         k = int(self.plan.k[self._clients[node_id]])
-        indices = layer_indices(self.global_arrays, k, self.sketch_seed, server_round, node_id)
+        indices = layer_indices(self.global_arrays, k, self.sketch_seed, server_round,
+                                self.client_key(node_id))
         delta = expand_reply(self.global_arrays, arrays, indices)
         self._replied.append(node_id)
         return delta

@@ -60,7 +60,8 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         dense_bytes = int(to_record(self.global_arrays).count_bytes())
         decoded = decode_update(
             arrays, self.global_arrays, self.round_settings(server_round, node_id),
-            server_round=server_round, node_id=node_id, max_bytes=2 * dense_bytes + 4096,
+            server_round=server_round, node_id=self.client_key(node_id),
+            max_bytes=2 * dense_bytes + 4096,
         )
         self._client_metrics.append({k: float(v) for k, v in metrics.items()
                                      if isinstance(v, int | float)})

@@ -39,10 +39,9 @@ class TSFA(SparseLoRAFedAvg):
     def __init__(self, clients_per_round: int, settings: SparseSettings, *,
                  controller: TSFAController, channel: Channel,
                  node_to_client: dict[int, int] | None = None, **kwargs: Any) -> None:
-        super().__init__(clients_per_round, settings, **kwargs)
+        super().__init__(clients_per_round, settings, node_to_client=node_to_client, **kwargs)
         self.controller = controller
         self.channel = channel
-        self.node_to_client = dict(node_to_client or {})
         self._decision: Decision | None = None
         self._round_nodes: list[int] = []
         self._gains: np.ndarray = np.zeros(0)
@@ -53,6 +52,13 @@ class TSFA(SparseLoRAFedAvg):
             raise ValueError(f"node {node_id} maps to channel client {idx}, outside "
                              f"[0, {self.channel.config.num_clients})")
         return idx
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.controller.load_state_dict(state["controller"])
 
     def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
         """Observe the scheduled clients' CSI, solve P3 for rho_t, split the band (eq. 41)."""

@@ -65,6 +65,7 @@ def test_tsfa_with_the_default_sparsifier_runs_soft(strategy):
 
 
 def test_per_node_message_keys_do_not_shadow_run_config_keys():
-    per_node = ["server-round", "sparsity-ratio", "bandwidth-share", "channel-gain", "sketch-size"]
+    per_node = ["server-round", "sparsity-ratio", "bandwidth-share", "channel-gain", "sketch-size",
+                "client-key"]
     cfg, extras = split_message_config({**DEFAULTS, **dict.fromkeys(per_node, 1)})
     assert set(extras) == set(per_node) and cfg == validate(DEFAULTS)

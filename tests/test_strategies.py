@@ -152,3 +152,56 @@ def test_message_type_is_train():
     msgs = list(s.configure_train(4, ArrayRecord(), ConfigRecord({"lr": 0.1}), FakeGrid([3])))
     assert msgs[0].metadata.message_type == MessageType.TRAIN
     assert msgs[0].content["config"]["server-round"] == 4
+
+
+def test_min_replies_threshold_keeps_the_model():
+    s = LoRAFedAvg(3, seed=0, min_replies=3)
+    glob = _arrays(0)
+    msgs = list(s.configure_train(1, to_record(glob), ConfigRecord({}), FakeGrid([1, 2, 3])))
+    replies = [_reply(m, _arrays(5 + i), 10, m.metadata.dst_node_id)
+               for i, m in enumerate(msgs[:2])]  # the third client crashed
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is None and s.round_stats[1]["skipped"] == 1
+    assert s.round_stats[1]["num_clients"] == 2
+
+
+def test_state_dict_restores_sampling_and_the_tsfa_queue():
+    p, cfg = _tsfa(**{"latency-budget": 1e-4, "lyapunov-v": 1e-9})
+    glob = _arrays(0)
+    grid = FakeGrid([5, 6, 7, 8, 9])
+    s = TSFA(3, SparseSettings("soft", 0.0), controller=p.controller, channel=p.channel, seed=3)
+
+    def run_round(strategy, rnd):
+        msgs = list(strategy.configure_train(rnd, to_record(glob), ConfigRecord(dict(cfg)), grid))
+        rho = msgs[0].content["config"]["sparsity-ratio"]
+        replies = []
+        for m in msgs:
+            nid = m.metadata.dst_node_id
+            payload, _ = encode_update(glob, _arrays(nid, 0.1), SparseSettings("soft", rho),
+                                       ErrorFeedback(), server_round=rnd, node_id=nid)
+            replies.append(_reply(m, payload, 50, nid))
+        strategy.aggregate_train(rnd, replies)
+        return [m.metadata.dst_node_id for m in msgs], strategy.round_stats[rnd]
+
+    run_round(s, 1)
+    import json
+    state = json.loads(json.dumps(s.state_dict()))  # what a checkpoint stores
+    nodes_a, stats_a = run_round(s, 2)
+    p2, _ = _tsfa(**{"latency-budget": 1e-4, "lyapunov-v": 1e-9})
+    fresh = TSFA(3, SparseSettings("soft", 0.0), controller=p2.controller, channel=p2.channel,
+                 seed=99)
+    fresh.load_state_dict(state)
+    nodes_b, stats_b = run_round(fresh, 2)
+    assert nodes_a == nodes_b
+    for key in ("sparsity", "queue", "latency_s", "bandwidth_shares"):
+        assert stats_a[key] == pytest.approx(stats_b[key])
+
+
+def test_start_resumes_with_the_original_round_numbers():
+    s = LoRAFedAvg(1, seed=0)
+    seen = []
+    s.configure_train = lambda r, *a, **k: seen.append(r) or []  # type: ignore[method-assign]
+    s.start(grid=FakeGrid([1]), initial_arrays=to_record(_arrays(0)), num_rounds=5,
+            first_round=4, evaluate_fn=lambda r, a: seen.append(("eval", r)))
+    assert seen == [4, ("eval", 4), 5, ("eval", 5)]
+    assert "configure_train" in s.__dict__  # the instance override set by this test survives
