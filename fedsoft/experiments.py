@@ -300,19 +300,8 @@ def flwr_command(run_config: str, fed: Federation) -> str:
 def launch_run(home: Path, run_config: str, fed: Federation,
                timeout: float) -> subprocess.CompletedProcess:
     """One ``flwr run`` on an isolated local SuperLink (killed afterwards)."""
-    if not fed.gpus_per_client:
-        return launch.flwr_run(home, run_config, fed.supernodes,
-                               cpus_per_client=fed.cpus_per_client, timeout=timeout)
-    # fedsoft.launch.flwr_run has no GPU resource argument: same command plus num-gpus
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--run-config",
-           run_config, "--federation-config",
-           f"num-supernodes={fed.supernodes} client-resources-num-cpus={fed.cpus_per_client} "
-           f"client-resources-num-gpus={fed.gpus_per_client}", "--stream"]
-    try:
-        return subprocess.run(cmd, cwd=ROOT, env=launch.flwr_env(home), capture_output=True,
-                              text=True, timeout=timeout)
-    finally:
-        launch.stop_superlink(home)
+    return launch.flwr_run(home, run_config, fed.supernodes, cpus_per_client=fed.cpus_per_client,
+                           gpus_per_client=fed.gpus_per_client, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- run bookkeeping

@@ -50,16 +50,19 @@ def stop_superlink(home: Path) -> None:
 
 
 def flwr_run(home: Path, run_config: str, num_supernodes: int = 2, *, cpus_per_client: int = 1,
-             timeout: float = 900.0, capture: bool = True) -> subprocess.CompletedProcess:
+             gpus_per_client: float = 0.0, timeout: float = 900.0,
+             capture: bool = True) -> subprocess.CompletedProcess:
     """``flwr run <root> --run-config ... --stream`` with ``num_supernodes`` simulated nodes.
 
+    ``gpus_per_client`` > 0 reserves that GPU fraction per simulated client (Ray).
     ``home`` becomes FLWR_HOME (config, local SuperLink state); the SuperLink that ``flwr run``
     starts detached is killed by PID afterwards, whatever happens.
     """
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT),
            "--run-config", run_config,
            "--federation-config",
-           f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+           f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+           + (f" client-resources-num-gpus={gpus_per_client}" if gpus_per_client else ""),
            "--stream"]
     try:
         return subprocess.run(cmd, cwd=ROOT, env=flwr_env(home), capture_output=capture,

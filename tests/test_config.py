@@ -69,3 +69,11 @@ def test_per_node_message_keys_do_not_shadow_run_config_keys():
                 "client-key"]
     cfg, extras = split_message_config({**DEFAULTS, **dict.fromkeys(per_node, 1)})
     assert set(extras) == set(per_node) and cfg == validate(DEFAULTS)
+
+
+def test_every_key_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    missing = [k for k in DEFAULTS if f"`{k}`" not in doc]
+    assert not missing, f"keys missing from docs/CONFIG.md: {missing}"
