@@ -157,16 +157,25 @@ SAMPLING_Q = {"ci": 0.5, "cpu": 0.5, "gpu": 0.1}
 SKETCH = {"ci": ("optimized", "uniform"), "cpu": tuple(SKETCH_MODES), "gpu": tuple(SKETCH_MODES)}
 
 
-def _sparse(method: str) -> dict[str, Any]:
+# SOFT = orthogonality loss (eq. 7) + per-rank sparsification; the ci scale leaves the loss
+# out so that its SOFT run doubles as fig4's zeta = 0 run (one flwr run less in CI)
+SOFT_ZETA = {"ci": 0.0, "cpu": 0.01, "gpu": 0.01}
+
+
+def _sparse(method: str, scale: str = "ci") -> dict[str, Any]:
     if method == "dense":
         return {"sparsifier": "dense"}
-    return {"sparsifier": method, "sparsity": SPARSITY}
+    out: dict[str, Any] = {"sparsifier": method, "sparsity": SPARSITY}
+    if method == "soft" and SOFT_ZETA[scale] > 0:
+        out["zeta"] = SOFT_ZETA[scale]
+    return out
 
 
 def fig3ab_runs(scale: str) -> list[RunSpec]:
     base = base_overrides(scale)
     data = resolved(base)["dataset"]
-    return [RunSpec(f"{m}-r{r}", m, f"{data}, r = {r}", {**base, "lora-rank": r, **_sparse(m)})
+    return [RunSpec(f"{m}-r{r}", m, f"{data}, r = {r}",
+                    {**base, "lora-rank": r, **_sparse(m, scale)})
             for r in FIG3_RANKS[scale] for m in FIG3_METHODS[scale]]
 
 
@@ -199,7 +208,7 @@ def fig7_runs(scale: str) -> list[RunSpec]:
     base = base_overrides(scale, "text")
     r = FIG7_RANK[scale]
     panel = f"{resolved(base)['dataset']}, r = {r}"
-    return [RunSpec(m, m, panel, {**base, "lora-rank": r, **_sparse(m)})
+    return [RunSpec(m, m, panel, {**base, "lora-rank": r, **_sparse(m, scale)})
             for m in FIG3_METHODS[scale]]
 
 
