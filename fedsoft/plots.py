@@ -60,6 +60,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def load_runs(exp_dir: Path) -> list[dict[str, Any]]:
     """Rows of ``runs.jsonl`` that finished, each with its ``metrics`` rows attached."""
     exp_dir = Path(exp_dir)
+    if not (exp_dir / RUN_INDEX).is_file():
+        raise FileNotFoundError(f"{exp_dir / RUN_INDEX} not found: plot the output directory of "
+                                "a finished `python -m fedsoft.experiments NAME` call")
     out = []
     for row in read_jsonl(exp_dir / RUN_INDEX):
         if row.get("status", "done") != "done":
