@@ -59,6 +59,7 @@ class LoRAFedAvg(FedAvg):
             raise ValueError(f"min-replies = {min_replies}: must be >= 1")
         self.min_replies = int(min_replies)
         self.node_to_client: dict[int, int] = dict(node_to_client or {})
+        self.dense_reply_bytes = 0  # count_bytes of the dense global record, set each round
         self.rng = random.Random(seed)
         self.node_wait_timeout = node_wait_timeout
         self.round_stats: dict[int, dict[str, Any]] = {}
@@ -127,6 +128,23 @@ class LoRAFedAvg(FedAvg):
         seeded positions and sketch indices on them makes a seed reproduce a run."""
         return int(self.node_to_client.get(node_id, node_id))
 
+    def client_index(self, node_id: int, all_ids: list[int], num_clients: int,
+                     what: str = "clients") -> int:
+        """Index of a node among ``num_clients`` model clients (channel, sampling plan): its
+        partition id when known, else its rank among the connected ids."""
+        idx = self.node_to_client.get(node_id, all_ids.index(node_id))
+        if not 0 <= idx < num_clients:
+            raise ValueError(f"node {node_id} maps to client {idx}, outside the {num_clients} "
+                             f"{what}")
+        return idx
+
+    def record_dense_uplink(self, server_round: int, replies: int) -> None:
+        """``dense_uplink_bytes``: what dense fp32 LoRA would have sent for this round's replies
+        (incl. rejected ones)."""
+        stats = self.round_stats.setdefault(server_round, {})
+        stats["dense_uplink_bytes"] = int(stats.get("replies_received", replies)) \
+            * self.dense_reply_bytes
+
     def stable_order(self, node_ids: list[int]) -> list[int]:
         """Node ids ordered by client key (partition id), unknown nodes last by id."""
         return sorted(node_ids, key=lambda n: (n not in self.node_to_client,
@@ -147,6 +165,7 @@ class LoRAFedAvg(FedAvg):
     ) -> Iterable[Message]:
         node_ids, all_ids = self.sample_nodes(grid)
         self.global_arrays = to_numpy(arrays)
+        self.dense_reply_bytes = int(to_record(self.global_arrays).count_bytes())
         self.round_stats[server_round] = {"num_available": len(all_ids), "sampled": node_ids}
         self._round_t0 = time.perf_counter()
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(node_ids), len(all_ids))

@@ -16,7 +16,6 @@ from fedsoft.sketch import expand_reply, layer_indices
 from fedsoft.sketch_opt import SamplingPlan
 from fedsoft.wallclock import SystemModel
 from strategies.lora_fedavg import LoRAFedAvg
-from strategies.records import to_record
 
 
 class SketchFedAvg(LoRAFedAvg):
@@ -62,18 +61,12 @@ class SketchFedAvg(LoRAFedAvg):
         self.np_rng.bit_generator.state = state["np_rng"]
         self.wallclock_s = float(state["wallclock_s"])
 
-    def client_index(self, node_id: int, all_ids: list[int]) -> int:
-        """Client index (partition id) of a node; unknown nodes get their rank among the ids."""
-        idx = self.node_to_client.get(node_id, all_ids.index(node_id))
-        if not 0 <= idx < self.system.num_clients:
-            raise ValueError(f"node {node_id} maps to client {idx}, outside the "
-                             f"{self.system.num_clients} clients of the sampling plan")
-        return idx
-
     def sample_nodes(self, grid: Grid) -> tuple[list[int], list[int]]:
         """Independent sampling: node n takes part with probability q_n (may be none)."""
         _, all_ids = super().sample_nodes(grid)  # waits for min_available_nodes
-        self._clients = {nid: self.client_index(nid, all_ids) for nid in all_ids}
+        self._clients = {nid: self.client_index(nid, all_ids, self.system.num_clients,
+                                                "clients of the sampling plan")
+                         for nid in all_ids}
         draws = self.np_rng.random(len(all_ids))
         chosen = [nid for nid, u in zip(all_ids, draws, strict=True)
                   if u < self.plan.q[self._clients[nid]]]
@@ -109,9 +102,7 @@ class SketchFedAvg(LoRAFedAvg):
     def combine(self, server_round: int, decoded: list[dict[str, np.ndarray]],
                 weights: list[float]) -> dict[str, np.ndarray]:
         idx = [self._clients[n] for n in self._replied]
-        stats = self.round_stats.setdefault(server_round, {})
-        dense = int(to_record(self.global_arrays).count_bytes())
-        stats["dense_uplink_bytes"] = int(stats.get("replies_received", len(decoded))) * dense
+        self.record_dense_uplink(server_round, len(decoded))
         return unbiased_update(self.global_arrays, decoded, self.data_shares[idx],
                                self.plan.q[idx], self.server_lr)
 

@@ -13,7 +13,6 @@ from fedsoft.orthogonality import orth_offdiag
 from fedsoft.sparse_update import SparseSettings, decode_update, layer_specs
 from fedsoft.spectrum import svd_proxy_rel_err
 from strategies.lora_fedavg import LoRAFedAvg
-from strategies.records import to_record
 
 
 def _factor_pairs(arrays: dict[str, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,11 +56,10 @@ class SparseLoRAFedAvg(LoRAFedAvg):
 
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:
-        dense_bytes = int(to_record(self.global_arrays).count_bytes())
         decoded = decode_update(
             arrays, self.global_arrays, self.round_settings(server_round, node_id),
             server_round=server_round, node_id=self.client_key(node_id),
-            max_bytes=2 * dense_bytes + 4096,
+            max_bytes=2 * self.dense_reply_bytes + 4096,
         )
         self._client_metrics.append({k: float(v) for k, v in metrics.items()
                                      if isinstance(v, int | float)})
@@ -70,10 +68,8 @@ class SparseLoRAFedAvg(LoRAFedAvg):
     def combine(self, server_round: int, decoded: list[dict[str, np.ndarray]],
                 weights: list[float]) -> dict[str, np.ndarray]:
         new = super().combine(server_round, decoded, weights)
+        self.record_dense_uplink(server_round, len(decoded))
         stats = self.round_stats.setdefault(server_round, {})
-        dense_bytes = int(to_record(self.global_arrays).count_bytes())
-        # what dense fp32 LoRA would have sent for the same replies (incl. rejected ones)
-        stats["dense_uplink_bytes"] = int(stats.get("replies_received", len(decoded))) * dense_bytes
         stats["sparsity"] = float(self.round_settings(server_round, 0).sparsity)
         specs = layer_specs(new)
         per_client = [_factor_pairs(d) for d in decoded]

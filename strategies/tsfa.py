@@ -46,13 +46,6 @@ class TSFA(SparseLoRAFedAvg):
         self._round_nodes: list[int] = []
         self._gains: np.ndarray = np.zeros(0)
 
-    def _client_index(self, node_id: int, all_ids: list[int]) -> int:
-        idx = self.node_to_client.get(node_id, all_ids.index(node_id))
-        if not 0 <= idx < self.channel.config.num_clients:
-            raise ValueError(f"node {node_id} maps to channel client {idx}, outside "
-                             f"[0, {self.channel.config.num_clients})")
-        return idx
-
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "controller": self.controller.state_dict()}
 
@@ -64,7 +57,9 @@ class TSFA(SparseLoRAFedAvg):
         """Observe the scheduled clients' CSI, solve P3 for rho_t, split the band (eq. 41)."""
         gains_all = self.channel.draw(server_round)
         self._round_nodes = list(node_ids)
-        self._gains = np.array([gains_all[self._client_index(n, all_ids)] for n in node_ids])
+        n = self.channel.config.num_clients
+        self._gains = np.array([gains_all[self.client_index(nid, all_ids, n, "channel clients")]
+                                for nid in node_ids])
         specs = layer_specs(self.global_arrays)
         heads = [int(v.size) for v in head_arrays(self.global_arrays).values()]
         seeded = bool(self.settings.make().positions_from_seed)
