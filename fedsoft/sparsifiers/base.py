@@ -203,6 +203,23 @@ def select(rows: Tensor, mask: Tensor) -> SparseRows:
     return SparseRows(values=torch.where(mask, rows, zero), mask=mask)
 
 
+class SeededMaskSparsifier:
+    """Base of the sparsifiers whose kept positions are a pure function of a shared seed
+    (rlora, fedlodrop): the receiver regenerates the mask, so positions cost 0 bits (eq. 6).
+    Subclasses implement ``mask_from_seed``; ``ref`` is unused."""
+
+    positions_from_seed: ClassVar[bool] = True
+
+    def mask_from_seed(self, r: int, d: int, k: int, keep: int, seed: int) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self, rows: Tensor, d: int, keep: int, *, ref: Tensor | None = None, seed: int = 0
+    ) -> SparseRows:
+        r, k, _ = check_sparsify_args(rows, d, keep, ref)
+        return select(rows, self.mask_from_seed(r, d, k, keep, seed))
+
+
 def rowwise_topk_mask(magnitude: Tensor, counts: Tensor) -> Tensor:
     """Bool mask keeping the ``counts[j]`` largest entries of row j of ``magnitude`` (finite).
 

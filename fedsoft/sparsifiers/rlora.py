@@ -9,11 +9,9 @@ import torch
 from torch import Tensor
 
 from fedsoft.sparsifiers.base import (
-    SparseRows,
+    SeededMaskSparsifier,
     check_mask_args,
-    check_sparsify_args,
     seed_generator,
-    select,
 )
 
 __all__ = ["RLoRASparsifier", "mask_from_seed"]
@@ -32,18 +30,11 @@ def mask_from_seed(r: int, d: int, k: int, keep: int, seed: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class RLoRASparsifier:
+class RLoRASparsifier(SeededMaskSparsifier):
     """Random-element sparsifier (S(.) in eq. 10); positions from ``seed``, ``ref`` unused."""
 
     name: ClassVar[str] = "rlora"
-    positions_from_seed: ClassVar[bool] = True
 
     def mask_from_seed(self, r: int, d: int, k: int, keep: int, seed: int) -> Tensor:
         """See :func:`mask_from_seed`."""
         return mask_from_seed(r, d, k, keep, seed)
-
-    def __call__(
-        self, rows: Tensor, d: int, keep: int, *, ref: Tensor | None = None, seed: int = 0
-    ) -> SparseRows:
-        r, k, _ = check_sparsify_args(rows, d, keep, ref)
-        return select(rows, mask_from_seed(r, d, k, keep, seed))
