@@ -29,8 +29,7 @@ app = ServerApp()
 def sketch_setup(cfg, work, num_clients: int, run_dir: Path):
     """Paper B before round 1: system model, data shares a_n, the (q, k) plan; logged."""
     shapes = lora.factor_shapes(work.model)
-    arrays = lora.to_arrays(work.model)
-    head = sum(v.size for k, v in arrays.items() if k.startswith(lora.HEAD_PREFIX))
+    head = sum(v.numel() for v in lora.get_head(work.model).values())
     system = sketch_plan.system_model(cfg, num_clients, int(cfg["lora-rank"]),
                                       sum(s.d + s.k for s in shapes), head)
     train, _ = workload.splits(cfg)
@@ -70,8 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     tsfa = None
     if cfg["strategy"] in ("tsfa", "osfa"):
         shapes = lora.factor_shapes(work.model)
-        heads = [v.size for k, v in lora.to_arrays(work.model).items()
-                 if k.startswith(lora.HEAD_PREFIX)]
+        heads = [v.numel() for v in lora.get_head(work.model).values()]
         payload = tsfa_plan.payload_bits_fn(cfg, [(s.name, s.d, s.k) for s in shapes], heads)
         tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids),
                               d_plus_k_total=sum(s.d + s.k for s in shapes), payload_bits=payload)
