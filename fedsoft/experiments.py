@@ -28,6 +28,7 @@ per figure), ``gpu`` (the paper's setting: presets ``paper-vit-cifar100`` /
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -440,8 +441,12 @@ def _host() -> dict[str, Any]:
 
 
 def run_one(spec: RunSpec, exp_dir: Path, out_root: Path, scale: str, fed: Federation, *,
-            label: str, reuse: bool = True, timeout: float | None = None) -> dict[str, Any]:
-    """Make sure ``spec``'s run is finished (skip, reuse or launch); returns its run.json."""
+            label: str, reuse: bool = True, timeout: float | None = None,
+            launch: bool = True) -> dict[str, Any]:
+    """Make sure ``spec``'s run is finished (skip, reuse or launch); returns its run.json.
+
+    ``launch=False`` (a run that ``--only`` did not select) only reports a finished run; an
+    unfinished one is neither copied nor launched and comes back with status "not-run"."""
     run_dir = (exp_dir / spec.run_name).resolve()
     overrides = {**spec.overrides, "run-dir": str(run_dir)}
     run_config = render(overrides)
@@ -463,6 +468,9 @@ def run_one(spec: RunSpec, exp_dir: Path, out_root: Path, scale: str, fed: Feder
         print(f"{label} {spec.run_name}: finished earlier, skipped", flush=True)
         return finish({**info, **base_info, "status": info.get("status", "done"),
                        "last_action": "skipped"})
+    if not launch:
+        print(f"{label} {spec.run_name}: not selected by --only, not run", flush=True)
+        return {**base_info, "status": "not-run", "last_action": "not-selected"}
     if reuse:
         src = find_reusable(out_root, scale, key, rounds, run_dir)
         if src is not None:
@@ -574,8 +582,12 @@ def time_selection(params: Mapping[str, Any], seeds: int, out: Path,
 
 def run_experiment(name: str, scale: str, *, seeds: int = 1, out_root: Path = DEFAULT_OUT,
                    reuse: bool = True, plot: bool = True, plot_only: bool = False,
-                   timeout: float | None = None, argv: Sequence[str] | None = None) -> Path:
+                   timeout: float | None = None, argv: Sequence[str] | None = None,
+                   only: Sequence[str] = ()) -> Path:
     """Run (or resume) every run of ``name`` at ``scale``, index them, draw the figure.
+
+    ``only``: shell patterns on run names (``"*-r4-*"``); when given, only matching runs are
+    launched, and the index (so the figure) keeps every other run that finished earlier.
 
     Returns the experiment directory ``<out_root>/<name>/<scale>``. Raises RuntimeError if a run
     failed (after trying every run and writing the index).
@@ -618,7 +630,10 @@ def run_experiment(name: str, scale: str, *, seeds: int = 1, out_root: Path = DE
             index = []
             for i, spec in enumerate(specs, 1):
                 info = run_one(spec, exp_dir, out_root, scale, fed,
-                               label=f"{label} ({i}/{len(specs)})", reuse=reuse, timeout=timeout)
+                               label=f"{label} ({i}/{len(specs)})", reuse=reuse, timeout=timeout,
+                               launch=selected(spec, only))
+                if info["status"] == "not-run":
+                    continue
                 if info["status"] != "done":
                     failed.append(spec.run_name)
                 actions = invocation.setdefault("runs", {})
@@ -643,6 +658,11 @@ def run_experiment(name: str, scale: str, *, seeds: int = 1, out_root: Path = DE
     return exp_dir
 
 
+def selected(spec: RunSpec, only: Sequence[str]) -> bool:
+    """Whether ``--only`` patterns (none: everything) select ``spec`` by its run name."""
+    return not only or any(fnmatch.fnmatchcase(spec.run_name, p) for p in only)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m fedsoft.experiments",
@@ -659,6 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-reuse", action="store_true",
                     help="rerun instead of copying a finished run with the same resolved config")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per flwr run")
+    ap.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                    help="launch only the runs whose name matches (shell pattern, e.g. "
+                         "'*-r4-*'; repeatable); finished runs stay in the figure")
     ap.add_argument("--list", action="store_true",
                     help="print the runs and their flwr run commands, run nothing")
     args = ap.parse_args(argv)
@@ -668,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"unknown experiment {n!r}; known: {', '.join(EXPERIMENTS)}, all")
     if args.list:
         for n in names:
-            specs = expand(n, args.scale, args.seeds)
+            specs = [s for s in expand(n, args.scale, args.seeds) if selected(s, args.only)]
             print(f"# {n} ({args.scale}): {EXPERIMENTS[n].title}")
             if not specs:
                 print(f"  timing benchmark, no Flower run: {EXPERIMENTS[n].params(args.scale)}")
@@ -681,7 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run_experiment(n, args.scale, seeds=args.seeds, out_root=args.out_root,
                            reuse=not args.no_reuse, plot=not args.no_plot,
-                           plot_only=args.plot_only, timeout=args.timeout, argv=argv)
+                           plot_only=args.plot_only, timeout=args.timeout, argv=argv,
+                           only=args.only)
         except RuntimeError as exc:
             print(f"[exp] {exc}", flush=True)
             status = 1

@@ -324,3 +324,18 @@ def test_ci_runs_are_shared_resumed_and_redrawn_without_flower(ci_root, monkeypa
     png.unlink()
     assert ex.main(["fig3ab", "--scale", "ci", "--out-root", str(root), "--plot-only"]) == 0
     assert png.stat().st_size > 0
+    # --only that selects none of the seed-1 runs: nothing launched, seed 0 stays in the index
+    capsys.readouterr()
+    ex.run_experiment("fig3ab", "ci", seeds=2, out_root=root, only=["*-s9"])
+    index = read_metrics(root / "fig3ab" / "ci" / "runs.jsonl")
+    assert [r["run"] for r in index] == [s.run_name for s in ex.expand("fig3ab", "ci")]
+    assert capsys.readouterr().out.count("not selected by --only, not run") == len(index)
+
+
+def test_only_patterns_select_by_run_name():
+    specs = ex.expand("fig3ab", "cpu", 2)
+    assert [s.run_name for s in specs if ex.selected(s, ["*-r4-*"])] == [
+        s.run_name for s in specs if ex.resolved(s.overrides)["lora-rank"] == 4]
+    assert all(ex.selected(s, []) for s in specs)
+    assert [s.run_name for s in specs if ex.selected(s, ["soft-*", "dense-r16-s1"])] == [
+        "soft-r4-s0", "soft-r4-s1", "soft-r16-s0", "soft-r16-s1", "dense-r16-s1"]
