@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedsoft import checkpoint, data, lora, sketch_plan, tsfa_plan, workload
-from fedsoft.calibration import append_scores, layer_scores
+from fedsoft.calibration import append_scores, keep_scores_through, layer_scores
 from fedsoft.config import resolve
 from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
@@ -99,6 +99,8 @@ def main(grid: Grid, context: Context) -> None:
         run.restore(state["metrics"])
         first_round = done + 1
         print(f"[fedsoft] resumed from {cfg['resume-from']} after round {done}", flush=True)
+    # a reused run-dir: rounds after the checkpoint (resume) or every round (fresh run) go
+    keep_scores_through(run.dir, first_round - 1 if resume is not None else -1)
     every = int(cfg["checkpoint-every"])
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -32,6 +32,7 @@ __all__ = [
     "SCORES_FILE",
     "append_scores",
     "calibrate_run",
+    "keep_scores_through",
     "layer_scores",
     "load_calibration",
     "write_calibration",
@@ -54,6 +55,27 @@ def append_scores(run_dir: Path | str, server_round: int, scores: list[list[floa
     """Append one round's per-layer scores to ``<run-dir>/rank_scores.jsonl``."""
     with (Path(run_dir) / SCORES_FILE).open("a") as fh:
         fh.write(json.dumps({"round": int(server_round), "scores": scores}) + "\n")
+
+
+def keep_scores_through(run_dir: Path | str, last_round: int) -> None:
+    """Drop the ``rank_scores.jsonl`` rows of rounds > ``last_round``.
+
+    The server calls it when a run starts in its run-dir: ``-1`` for a fresh run (the file is
+    emptied), the checkpoint's round for a resume, so a reused run-dir holds each round once
+    and :func:`calibrate_run` never averages a round twice."""
+    path = Path(run_dir) / SCORES_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and _round_of(line) <= last_round]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _round_of(line: str) -> float:
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a malformed row is dropped, not kept for read_scores to choke on
 
 
 def read_scores(run_dir: Path | str, first_round: int = 1) -> list[np.ndarray]:

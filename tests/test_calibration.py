@@ -10,9 +10,11 @@ from fedsoft import lora
 from fedsoft.calibration import (
     append_scores,
     calibrate_run,
+    keep_scores_through,
     layer_scores,
     load_calibration,
     main,
+    read_scores,
     write_calibration,
 )
 from fedsoft.config import DEFAULTS
@@ -101,3 +103,18 @@ def test_write_calibration_round_trips(tmp_path):
     sb, sm = load_calibration(write_calibration(tmp_path / "c.json", cal))
     np.testing.assert_array_equal(sb, cal.sigma_bar)
     assert sm == cal.sigma_max
+
+
+def test_keep_scores_through_drops_later_rounds_and_malformed_rows(tmp_path):
+    for t in range(4):
+        append_scores(tmp_path, t, [[float(t + 1), 1.0]])
+    with (tmp_path / "rank_scores.jsonl").open("a") as fh:
+        fh.write("not json\n")
+    keep_scores_through(tmp_path, 2)  # a resume after round 2
+    kept = read_scores(tmp_path, first_round=0)
+    assert [s[0][0] for s in kept] == [1.0, 2.0, 3.0]
+    append_scores(tmp_path, 3, [[9.0, 1.0]])  # round 3 again, once
+    assert [s[0][0] for s in read_scores(tmp_path, first_round=0)] == [1.0, 2.0, 3.0, 9.0]
+    keep_scores_through(tmp_path, -1)  # a fresh run in the same run-dir
+    assert (tmp_path / "rank_scores.jsonl").read_text() == ""
+    keep_scores_through(tmp_path / "absent", -1)  # nothing to do, no error

@@ -2,6 +2,7 @@
 
 import pytest
 
+from fedsoft.calibration import SCORES_FILE
 from fedsoft.launch import flwr_run
 from fedsoft.runlog import read_metrics
 
@@ -41,6 +42,8 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
     assert "resumed from" in proc.stdout
     resumed = read_metrics(part / "metrics.jsonl")
     assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
+    # the calibration log holds each round once, as in the uninterrupted run
+    assert [r["round"] for r in read_metrics(part / SCORES_FILE)] == [0, 1, 2, 3, 4]
     for a, b in zip(resumed, ref, strict=True):
         _same(a, b)
     assert (part / "checkpoints" / "round-00004" / "adapter" / "adapter_config.json").is_file()

@@ -117,27 +117,32 @@ def _tsfa(strategy="tsfa", **over):
     return plan(cfg, num_clients=5, d_plus_k_total=2 * 32), cfg
 
 
+def _tsfa_round(strategy, rnd, glob, cfg, grid):
+    """One TSFA round against fake clients that send SOFT updates at the ratio they were told."""
+    msgs = list(strategy.configure_train(rnd, to_record(glob), ConfigRecord(dict(cfg)), grid))
+    rho = msgs[0].content["config"]["sparsity-ratio"]
+    replies = []
+    for m in msgs:
+        nid = m.metadata.dst_node_id
+        payload, _ = encode_update(glob, _arrays(nid, 0.1), SparseSettings("soft", rho),
+                                   ErrorFeedback(), server_round=rnd, node_id=nid)
+        replies.append(_reply(m, payload, 50, nid))
+    strategy.aggregate_train(rnd, replies)
+    return msgs, strategy.round_stats[rnd]
+
+
 def test_tsfa_sends_each_node_its_share_and_updates_the_queue():
     p, cfg = _tsfa(**{"latency-budget": 1e-4, "lyapunov-v": 1e-9})
     glob = _arrays(0)
     s = TSFA(3, SparseSettings("soft", 0.0), controller=p.controller, channel=p.channel, seed=0)
     queue_before = p.controller.backlog
     for rnd in (1, 2):
-        msgs = list(s.configure_train(rnd, to_record(glob), ConfigRecord(dict(cfg)),
-                                      FakeGrid([5, 6, 7, 8, 9])))
+        msgs, st = _tsfa_round(s, rnd, glob, cfg, FakeGrid([5, 6, 7, 8, 9]))
         cfgs = [m.content["config"] for m in msgs]
         shares = [c["bandwidth-share"] for c in cfgs]
         assert abs(sum(shares) - 1) < 1e-12
         assert len({c["sparsity-ratio"] for c in cfgs}) == 1  # common ratio (A.9)
         rho = cfgs[0]["sparsity-ratio"]
-        replies = []
-        for m in msgs:
-            nid = m.metadata.dst_node_id
-            payload, _ = encode_update(glob, _arrays(nid, 0.1), SparseSettings("soft", rho),
-                                       ErrorFeedback(), server_round=rnd, node_id=nid)
-            replies.append(_reply(m, payload, 50, nid))
-        s.aggregate_train(rnd, replies)
-        st = s.round_stats[rnd]
         assert st["sparsity"] == rho and st["rank"] == p.rank
         assert st["latency_s"] > 0 and len(st["bandwidth_shares"]) == 3
         # eq. (30): Q(t+1) = max(Q + T - T_bar, 0)
@@ -172,16 +177,8 @@ def test_state_dict_restores_sampling_and_the_tsfa_queue():
     s = TSFA(3, SparseSettings("soft", 0.0), controller=p.controller, channel=p.channel, seed=3)
 
     def run_round(strategy, rnd):
-        msgs = list(strategy.configure_train(rnd, to_record(glob), ConfigRecord(dict(cfg)), grid))
-        rho = msgs[0].content["config"]["sparsity-ratio"]
-        replies = []
-        for m in msgs:
-            nid = m.metadata.dst_node_id
-            payload, _ = encode_update(glob, _arrays(nid, 0.1), SparseSettings("soft", rho),
-                                       ErrorFeedback(), server_round=rnd, node_id=nid)
-            replies.append(_reply(m, payload, 50, nid))
-        strategy.aggregate_train(rnd, replies)
-        return [m.metadata.dst_node_id for m in msgs], strategy.round_stats[rnd]
+        msgs, stats = _tsfa_round(strategy, rnd, glob, cfg, grid)
+        return [m.metadata.dst_node_id for m in msgs], stats
 
     run_round(s, 1)
     import json
