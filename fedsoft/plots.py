@@ -1,6 +1,7 @@
 """Figures and summary tables of the experiments, from their JSONL files only.
 
-``python -m fedsoft.plots <exp-dir> [<exp-dir> ...] [--markdown] [--target-frac 0.9]`` redraws
+``python -m fedsoft.plots <exp-dir> [<exp-dir> ...] [--markdown] [--target-frac 0.9]
+[--export DEST]`` redraws
 ``<exp-dir>/<NAME>.png`` (``<exp-dir>`` = ``runs/experiments/<NAME>/<scale>``) from
 ``runs.jsonl`` + each run's ``metrics.jsonl`` (+ ``gram.jsonl`` for fig4, ``timings.jsonl``
 for fig2) and, with ``--markdown``, prints the summary table: final accuracy (mean ± std over
@@ -381,6 +382,36 @@ def draw(exp_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
+# what a figure and its tables are drawn from (plus the run's settings), nothing heavier:
+# no adapters, client error memories or logs
+EXPORT_FILES = ("experiment.json", RUN_INDEX, TIMINGS)
+EXPORT_RUN_FILES = ("metrics.jsonl", "config.json", "run.json", GRAM, "offline.json",
+                    "sampling_plan.json")
+
+
+def export(exp_dir: Path, dest: Path) -> Path:
+    """Copy the JSON/JSONL an experiment's figure and tables come from to ``dest``.
+
+    ``python -m fedsoft.plots dest --markdown`` then redraws the same figure and tables, so
+    results can be published (e.g. under ``docs/data/``) without adapters or logs."""
+    exp_dir, dest = Path(exp_dir), Path(dest)
+    if not (exp_dir / RUN_INDEX).is_file() and not (exp_dir / TIMINGS).is_file():
+        raise FileNotFoundError(f"{exp_dir}: neither {RUN_INDEX} nor {TIMINGS}: not the "
+                                "output directory of `python -m fedsoft.experiments NAME`")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:
+        if (exp_dir / name).is_file():
+            (dest / name).write_bytes((exp_dir / name).read_bytes())
+    if (exp_dir / RUN_INDEX).is_file():
+        for row in read_jsonl(exp_dir / RUN_INDEX):
+            src, out = exp_dir / row["run_dir"], dest / row["run_dir"]
+            out.mkdir(parents=True, exist_ok=True)
+            for name in EXPORT_RUN_FILES:
+                if (src / name).is_file():
+                    (out / name).write_bytes((src / name).read_bytes())
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedsoft.plots",
                                  description=__doc__.splitlines()[0])
@@ -390,9 +421,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="figure path (only with one exp-dir; default <exp-dir>/<NAME>.png)")
     ap.add_argument("--markdown", action="store_true", help="print the summary table")
     ap.add_argument("--target-frac", type=float, default=DEFAULT_TARGET_FRAC)
+    ap.add_argument("--export", type=Path, default=None, metavar="DEST",
+                    help="copy the JSON/JSONL the figure is drawn from to DEST/<NAME>/<scale> "
+                         "(no adapters or logs), then draw there")
     args = ap.parse_args(argv)
     if args.out is not None and len(args.exp_dirs) != 1:
         ap.error("--out needs exactly one exp-dir")
+    if args.export is not None:
+        args.exp_dirs = [export(d, args.export / d.resolve().parent.name / d.resolve().name)
+                         for d in args.exp_dirs]
     for d in args.exp_dirs:
         path = draw(d, args.out)
         print(f"[plots] {path}")

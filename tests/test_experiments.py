@@ -232,6 +232,22 @@ def test_plots_cli_redraws_from_jsonl(tmp_path):
     assert "| r = 4 | soft |" in proc.stdout
 
 
+def test_export_copies_what_the_figure_is_drawn_from(tmp_path):
+    exp = _write_exp(tmp_path / "src", "fig3ab", [
+        ("soft-r4-s0", "soft", "r = 4", 0, _rows([0.1, 0.5, 0.7])),
+        ("dense-r4-s0", "dense", "r = 4", 0, _rows([0.1, 0.6, 0.8], up=200))])
+    (exp / "soft-r4-s0" / "adapter").mkdir()  # heavy run outputs are not exported
+    (exp / "soft-r4-s0" / "flwr.log").write_text("log")
+    assert plots.main([str(exp), "--export", str(tmp_path / "pub")]) == 0
+    out = tmp_path / "pub" / "fig3ab" / "ci"
+    assert (out / "fig3ab.png").stat().st_size > 0
+    assert plots.figure_series(out) == plots.figure_series(exp)
+    assert plots.summary(out) == plots.summary(exp)
+    assert sorted(p.name for p in (out / "soft-r4-s0").iterdir()) == ["metrics.jsonl"]
+    with pytest.raises(FileNotFoundError, match="runs.jsonl"):
+        plots.export(tmp_path / "nothing", tmp_path / "x")
+
+
 # ----------------------------------------------------------------------------- ci end to end
 
 
