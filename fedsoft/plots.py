@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -289,8 +290,14 @@ def _title(exp_dir: Path) -> str:
     return experiment_name(exp_dir)
 
 
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders numbers inside labels by value: "r = 4" before "r = 16"."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t)
+            for t in re.split(r"(\d+)", text) if t]
+
+
 def _plot_curves(ax, panel: dict[str, dict[str, Any]], logy: bool) -> None:
-    for series, c in sorted(panel.items()):
+    for series, c in sorted(panel.items(), key=lambda kv: natural_key(kv[0])):
         if not c["x"]:
             continue
         line, = ax.plot(c["x"], c["y"], marker="o", ms=3, label=series)
@@ -338,7 +345,7 @@ def draw(exp_dir: Path, out: Path | None = None) -> Path:
         xlabel = "simulated wall-clock [s]" if x == "sim_wallclock_s" else "round"
         ys = CURVES.get(name, ("round", [("accuracy", "test accuracy", False)]))[1]
         cells = [(y, lab, logy, p) for y, lab, logy in ys
-                 for p in sorted(data["panels"][y])]
+                 for p in sorted(data["panels"][y], key=natural_key)]
         gram = data.get("gram", {})
         if gram:  # fig4: one row of heat maps (Bᵀ B, A Aᵀ) per series, curves on the right
             nrows = len(gram)

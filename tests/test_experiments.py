@@ -232,6 +232,14 @@ def test_plots_cli_redraws_from_jsonl(tmp_path):
     assert "| r = 4 | soft |" in proc.stdout
 
 
+def test_labels_sort_by_the_numbers_in_them():
+    labels = ["r = 16", "OSFA r=32", "r = 4", "OSFA r=2", "TSFA", "2 shards/client",
+              "10 shards/client"]
+    assert sorted(labels, key=plots.natural_key) == [
+        "2 shards/client", "10 shards/client", "OSFA r=2", "OSFA r=32", "TSFA", "r = 4",
+        "r = 16"]
+
+
 def test_export_copies_what_the_figure_is_drawn_from(tmp_path):
     exp = _write_exp(tmp_path / "src", "fig3ab", [
         ("soft-r4-s0", "soft", "r = 4", 0, _rows([0.1, 0.5, 0.7])),
