@@ -206,6 +206,22 @@ def to_target(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | Non
     return None
 
 
+# per figure: extra summary columns (metric key, column label), each the mean over rounds
+# 1..T of the key in one run, then mean ± std over seeds
+EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "fig3c": [("rank", "rank"), ("sparsity", "mean rho"), ("latency_s", "mean latency s"),
+              ("queue", "mean queue s")],
+    "fig56": [("cov_fro", "mean cov_fro")],
+    "figB": [("round_s", "mean sim. round s")],
+}
+
+
+def round_mean(metrics: Sequence[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over rounds >= 1 where it is logged (None if never)."""
+    vals = [float(m[key]) for m in metrics if m.get("round", 0) >= 1 and m.get(key) is not None]
+    return statistics.fmean(vals) if vals else None
+
+
 def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dict[str, Any]]:
     """One row per (panel, series): seeds, final accuracy mean/std, total uplink, cost to the
     target accuracy (``target_frac`` x reference; reference = dense's mean final accuracy in
@@ -216,8 +232,13 @@ def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dic
         groups[(run.get("panel", ""), run["series"])].append(run)
     finals = {g: statistics.fmean(r["metrics"][-1]["accuracy"] for r in rs)
               for g, rs in groups.items()}
+    extra = EXTRA_COLUMNS.get(experiment_name(Path(exp_dir)), [])
     out = []
     for (panel, series), rs in groups.items():
+        cols = {}
+        for key, _ in extra:
+            vals = [v for r in rs if (v := round_mean(r["metrics"], key)) is not None]
+            cols[key] = _mean_std(vals) if vals else None
         in_panel = {s: a for (p, s), a in finals.items() if p == panel}
         ref_name = "dense" if "dense" in in_panel else max(in_panel, key=in_panel.get)
         target = target_frac * in_panel[ref_name]
@@ -238,6 +259,7 @@ def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dic
             "sim_s_to_target": statistics.fmean(sims) if sims else None,
             "wall_s": sum(float(r.get("wall_s") or 0.0) for r in rs),
             "reused": sum(1 for r in rs if r.get("reused_from")),
+            "extra": cols,
         })
     return out
 
@@ -256,6 +278,8 @@ def markdown(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> str:
             f"target acc ({target_frac:g} x ref)", "MB to target", "rounds to target"]
     if sim:
         head.append("sim. s to target")
+    extra = EXTRA_COLUMNS.get(experiment_name(Path(exp_dir)), [])
+    head += [label for _, label in extra]
     head.append("run wall s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -271,6 +295,10 @@ def markdown(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> str:
                  "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:g}"]
         if sim:
             cells.append("-" if r["sim_s_to_target"] is None else f"{r['sim_s_to_target']:.1f}")
+        for key, _ in extra:
+            v = r["extra"].get(key)
+            cells.append("-" if v is None else f"{v[0]:.4g}" + (f" ± {v[1]:.2g}" if r["seeds"] > 1
+                                                                else ""))
         cells.append(f"{r['wall_s']:.0f}" + (" (copied)" if r["reused"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Experiment runner and figures: every figure's ci scale end to end, plots from fixture JSONL."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -230,6 +231,19 @@ def test_plots_cli_redraws_from_jsonl(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (exp / "fig7.png").stat().st_size > 0
     assert "| r = 4 | soft |" in proc.stdout
+
+
+def test_summary_extra_columns_average_rounds_then_seeds(tmp_path):
+    exp = _write_exp(tmp_path, "fig56", [
+        ("shards1-s0", "1 shard/client", "", 0, _rows([0.1, 0.2, 0.3], cov_fro=[None, 0.2, 0.4])),
+        ("shards1-s1", "1 shard/client", "", 1, _rows([0.1, 0.2, 0.3], cov_fro=[None, 0.4, 0.6])),
+    ])
+    (row,) = plots.summary(exp)
+    mean, std = row["extra"]["cov_fro"]
+    per_run = [(0.2 + 0.4) / 2, (0.4 + 0.6) / 2]  # round 0 has no cov_fro
+    assert mean == pytest.approx(statistics.fmean(per_run))
+    assert std == pytest.approx(statistics.stdev(per_run))
+    assert "| mean cov_fro |" in plots.markdown(exp) and "0.4 ± 0.14" in plots.markdown(exp)
 
 
 def test_labels_sort_by_the_numbers_in_them():
