@@ -16,13 +16,15 @@ writes
 A run whose ``metrics.jsonl`` already has ``num-server-rounds + 1`` rows for the same resolved
 config is skipped (resume after an interruption); a finished run with the same resolved config
 in another experiment of the same scale and output root is copied instead of rerun (``--no-reuse``
-turns that off). ``fig2`` is a timing benchmark (SOFT vs product + SVD selection), not a Flower
-run; its measurements go to ``timings.jsonl``.
+turns that off). ``--only PATTERN`` launches just the runs whose name matches (the figure
+keeps the runs finished earlier). ``fig2`` is a timing benchmark (SOFT vs product + SVD
+selection), not a Flower run; its measurements go to ``timings.jsonl``.
 
 Scales: ``ci`` (seconds to minutes, used by the tests: 2 SuperNodes, 2 rounds, 2 local steps,
-400 train / 100 test examples), ``cpu`` (MiniLM on a 2-core laptop, 6 SuperNodes, under an hour
-per figure), ``gpu`` (the paper's setting: presets ``paper-vit-cifar100`` /
-``paper-distilbert-agnews``, 100 SuperNodes, 10 per round; needs the Hugging Face hub once).
+400 train / 100 test examples), ``cpu`` (MiniLM on a 2-core laptop, 6 SuperNodes, Dirichlet(0.5)
+labels; measured about 2.5 min per run, so 5 to 30 min per figure and seed), ``gpu`` (the
+paper's setting: presets ``paper-vit-cifar100`` / ``paper-distilbert-agnews``, 100
+SuperNodes, 10 per round; needs the Hugging Face hub once).
 """
 
 from __future__ import annotations
