@@ -241,6 +241,12 @@ def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dic
             cols[key] = _mean_std(vals) if vals else None
         in_panel = {s: a for (p, s), a in finals.items() if p == panel}
         ref_name = "dense" if "dense" in in_panel else max(in_panel, key=in_panel.get)
+        # final accuracy minus the reference's, paired by seed (the seed fixes the data split,
+        # the sampling and the channel, so this removes most of the seed-to-seed spread)
+        ref_by_seed = {r.get("seed", 0): r["metrics"][-1]["accuracy"]
+                       for r in groups[(panel, ref_name)]}
+        deltas = [r["metrics"][-1]["accuracy"] - ref_by_seed[r.get("seed", 0)]
+                  for r in rs if r.get("seed", 0) in ref_by_seed]
         target = target_frac * in_panel[ref_name]
         hits = [to_target(r["metrics"], target) for r in rs]
         reached = [h for h in hits if h is not None]
@@ -260,6 +266,8 @@ def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dic
             "wall_s": sum(float(r.get("wall_s") or 0.0) for r in rs),
             "reused": sum(1 for r in rs if r.get("reused_from")),
             "extra": cols,
+            "delta_vs_ref": _mean_std(deltas) if deltas and series != ref_name else None,
+            "paired_seeds": len(deltas),
         })
     return out
 
@@ -278,6 +286,9 @@ def markdown(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> str:
             f"target acc ({target_frac:g} x ref)", "MB to target", "rounds to target"]
     if sim:
         head.append("sim. s to target")
+    paired = any(r["delta_vs_ref"] is not None and r["paired_seeds"] > 1 for r in rows)
+    if paired:
+        head.append("final acc - ref, paired by seed")
     extra = EXTRA_COLUMNS.get(experiment_name(Path(exp_dir)), [])
     head += [label for _, label in extra]
     head.append("run wall s")
@@ -295,6 +306,10 @@ def markdown(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> str:
                  "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:g}"]
         if sim:
             cells.append("-" if r["sim_s_to_target"] is None else f"{r['sim_s_to_target']:.1f}")
+        if paired:
+            d = r["delta_vs_ref"]
+            cells.append("-" if d is None or r["paired_seeds"] < 2 else
+                         f"{d[0]:+.4f} ± {d[1]:.4f} ({r['paired_seeds']} seeds)")
         for key, _ in extra:
             v = r["extra"].get(key)
             cells.append("-" if v is None else f"{v[0]:.4g}" + (f" ± {v[1]:.2g}" if r["seeds"] > 1

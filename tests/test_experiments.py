@@ -246,6 +246,19 @@ def test_summary_extra_columns_average_rounds_then_seeds(tmp_path):
     assert "| mean cov_fro |" in plots.markdown(exp) and "0.4 ± 0.14" in plots.markdown(exp)
 
 
+def test_summary_pairs_each_seed_with_the_reference_of_the_same_seed(tmp_path):
+    soft, dense = {0: 0.5, 1: 0.3}, {0: 0.45, 1: 0.32}
+    exp = _write_exp(tmp_path, "fig3ab", [
+        *[(f"soft-s{k}", "soft", "r = 4", k, _rows([0.1, v])) for k, v in soft.items()],
+        *[(f"dense-s{k}", "dense", "r = 4", k, _rows([0.1, v])) for k, v in dense.items()]])
+    rows = {r["series"]: r for r in plots.summary(exp)}
+    diffs = [soft[k] - dense[k] for k in soft]
+    assert rows["soft"]["delta_vs_ref"] == pytest.approx(
+        (statistics.fmean(diffs), statistics.stdev(diffs)))
+    assert rows["dense"]["delta_vs_ref"] is None and rows["soft"]["paired_seeds"] == 2
+    assert "final acc - ref, paired by seed" in plots.markdown(exp)
+
+
 def test_labels_sort_by_the_numbers_in_them():
     labels = ["r = 16", "OSFA r=32", "r = 4", "OSFA r=2", "TSFA", "2 shards/client",
               "10 shards/client"]
