@@ -22,7 +22,7 @@ selection), not a Flower run; its measurements go to ``timings.jsonl``.
 
 Scales: ``ci`` (seconds to minutes, used by the tests: 2 SuperNodes, 2 rounds, 2 local steps,
 400 train / 100 test examples), ``cpu`` (MiniLM on a 2-core laptop, 6 SuperNodes, Dirichlet(0.5)
-labels; measured about 2.5 min per run, so 5 to 30 min per figure and seed), ``gpu`` (the
+labels; measured about 2.2 min per run, so 5 to 30 min per figure and seed), ``gpu`` (the
 paper's setting: presets ``paper-vit-cifar100`` / ``paper-distilbert-agnews``, 100
 SuperNodes, 10 per round; needs the Hugging Face hub once).
 """
@@ -93,7 +93,7 @@ BASE: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cpu": {
         # about the quickstart's work per run (8 rounds x 3 clients x 8 steps = 192 local
-        # steps; quickstart: 5 x 2 x 20 = 200): about 2 min per run on 2 cores. Dirichlet(0.5)
+        # steps; quickstart: 5 x 2 x 20 = 200): about 2.2 min per run on 2 cores. Dirichlet(0.5)
         # labels: with 2 label shards per client (the first cpu runs) the global model stayed
         # at chance (test loss ln 10) for 8 rounds whatever the method, so nothing compared
         "vision": {"preset": "quickstart", "num-server-rounds": 8, "clients-per-round": 3,

@@ -212,7 +212,7 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "fig3c": [("rank", "rank"), ("sparsity", "mean rho"), ("latency_s", "mean latency s"),
               ("queue", "mean queue s")],
     "fig56": [("cov_fro", "mean cov_fro")],
-    "figB": [("round_s", "mean sim. round s")],
+    "figB": [("sim_round_s", "mean sim. round s")],
 }
 
 
