@@ -695,8 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in names:
             specs = [s for s in expand(n, args.scale, args.seeds) if selected(s, args.only)]
             print(f"# {n} ({args.scale}): {EXPERIMENTS[n].title}")
-            if not specs:
+            if EXPERIMENTS[n].runs is None:
                 print(f"  timing benchmark, no Flower run: {EXPERIMENTS[n].params(args.scale)}")
+            elif not specs:
+                print(f"  no run matches --only {' '.join(args.only)}")
             for s in specs:
                 cmd = flwr_command(render(s.overrides), FEDERATION[args.scale])
                 print(f"  {s.run_name}: {cmd}")

@@ -383,6 +383,16 @@ def test_ci_runs_are_shared_resumed_and_redrawn_without_flower(ci_root, monkeypa
     assert capsys.readouterr().out.count("not selected by --only, not run") == len(index)
 
 
+def test_list_with_only_prints_just_the_matching_runs(capsys):
+    assert ex.main(["fig3ab", "fig2", "--scale", "cpu", "--only", "*-r4-s0", "--list"]) == 0
+    out = capsys.readouterr().out
+    wanted = [s.run_name for s in ex.expand("fig3ab", "cpu") if s.run_name.endswith("-r4-s0")]
+    assert [ln.split(":")[0].strip() for ln in out.splitlines() if "flwr run" in ln] == wanted
+    assert "timing benchmark" in out
+    assert ex.main(["fig3ab", "--scale", "cpu", "--only", "nomatch", "--list"]) == 0
+    assert "no run matches --only nomatch" in capsys.readouterr().out
+
+
 def test_only_patterns_select_by_run_name():
     specs = ex.expand("fig3ab", "cpu", 2)
     assert [s.run_name for s in specs if ex.selected(s, ["*-r4-*"])] == [
