@@ -58,7 +58,12 @@ def flwr_run(home: Path, run_config: str, num_supernodes: int = 2, *, cpus_per_c
     ``home`` becomes FLWR_HOME (config, local SuperLink state); the SuperLink that ``flwr run``
     starts detached is killed by PID afterwards, whatever happens.
     """
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT),
+    flwr_bin = Path(sys.executable).parent / "flwr"
+    if not flwr_bin.is_file():
+        raise FileNotFoundError(
+            f"flwr CLI not found at {flwr_bin}: run this with the Python of the environment "
+            "fedsoft is installed in (e.g. .venv/bin/python, or activate that venv)")
+    cmd = [str(flwr_bin), "run", str(ROOT),
            "--run-config", run_config,
            "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"

@@ -400,3 +400,10 @@ def test_only_patterns_select_by_run_name():
     assert all(ex.selected(s, []) for s in specs)
     assert [s.run_name for s in specs if ex.selected(s, ["soft-*", "dense-r16-s1"])] == [
         "soft-r4-s0", "soft-r4-s1", "soft-r16-s0", "soft-r16-s1", "dense-r16-s1"]
+
+
+def test_launch_without_the_flwr_cli_names_the_missing_path(tmp_path, monkeypatch):
+    from fedsoft import launch
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(FileNotFoundError, match="flwr CLI not found"):
+        launch.flwr_run(tmp_path / "home", 'seed=0', timeout=5)
