@@ -19,11 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bin_dir() -> Path:
+    """The scripts folder of the running Python's environment (``flwr``, ``flower-superlink``)."""
+    return Path(sys.executable).parent
+
+
 def flwr_env(home: Path) -> dict[str, str]:
-    bindir = str(Path(sys.executable).parent)
     env = dict(os.environ)
     env.update(
-        PATH=bindir + os.pathsep + env.get("PATH", ""),
+        PATH=str(bin_dir()) + os.pathsep + env.get("PATH", ""),
         FLWR_HOME=str(home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_TELEMETRY_ENABLED="0",
@@ -58,7 +62,7 @@ def flwr_run(home: Path, run_config: str, num_supernodes: int = 2, *, cpus_per_c
     ``home`` becomes FLWR_HOME (config, local SuperLink state); the SuperLink that ``flwr run``
     starts detached is killed by PID afterwards, whatever happens.
     """
-    flwr_bin = Path(sys.executable).parent / "flwr"
+    flwr_bin = bin_dir() / "flwr"
     if not flwr_bin.is_file():
         raise FileNotFoundError(
             f"flwr CLI not found at {flwr_bin}: run this with the Python of the environment "
