@@ -114,6 +114,16 @@ _SCHEMA: dict[str, Key] = {
     "min-replies": Key(1, _positive, ">= 1"),
     "fail-fraction": Key(0.0, lambda v: 0 <= v < 1, "0 <= fail-fraction < 1"),
     "fail-mode": Key("crash", *_choice("crash", "timeout")),
+    "max-num-examples": Key(1_000_000, _positive,
+                            ">= 1 (cap on a reply's reported num-examples when the server does "
+                            "not know the client's data share)"),
+    "update-norm-bound": Key(10.0, _non_negative,
+                             ">= 0 (reject an update whose norm exceeds this multiple of the "
+                             "round's reference norm; 0 = off)"),
+    "attack-partition": Key(-1, lambda v: v >= -1, ">= -1 (fault injection; -1 = off)"),
+    "attack-mode": Key("cycle", *_choice("cycle", "crash", "empty-data", "huge-header",
+                                         "float64", "huge-values", "garbage", "num-examples",
+                                         "stale-round", "bad-metric", "nan")),
     "device": Key("auto", *_choice("auto", "cpu", "cuda")),
     "run-dir": Key("", None, "a path or empty"),
     "round-timeout": Key(3600.0, _positive, "> 0 seconds"),
