@@ -6,9 +6,10 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsoft.attacks import attack_class, hostile_reply
 from fedsoft.client_state import load_ef, save_ef, simulated_failure
 from fedsoft.client_update import local_round
 from fedsoft.config import split_message_config
@@ -36,6 +37,10 @@ def train(msg: Message, context: Context) -> Message:
             time.sleep(float(cfg["round-timeout"]) + 5.0)
         raise RuntimeError(f"simulated failure of partition {partition_id} in round "
                            f"{server_round} (fail-fraction = {cfg['fail-fraction']})")
+    hostile = int(cfg["attack-partition"]) == partition_id
+    if hostile and cfg["attack-mode"] == "crash":
+        raise RuntimeError(f"attack-mode = 'crash': partition {partition_id} fails round "
+                           f"{server_round}")
     state_dir = _state_dir(cfg, context)
     if EF_KEY in context.state:
         ef_state = to_numpy(context.state[EF_KEY])
@@ -59,7 +64,17 @@ def train(msg: Message, context: Context) -> Message:
         if state_dir is not None:
             save_ef(state_dir, partition_id, server_round, ef_new,
                     keep_every=int(cfg["checkpoint-every"]))
-    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
+    metrics["server-round"] = server_round  # binds the reply to the round it answers
+    record = to_record(arrays)
+    if hostile:  # fault injection (attack-partition): a reply the server must drop
+        bad = hostile_reply(attack_class(str(cfg["attack-mode"]), server_round), arrays,
+                            metrics, to_numpy(msg.content["arrays"]), seed=server_round)
+        record = to_record(bad.arrays)
+        for key, raw in bad.raw.items():
+            record[key] = Array(dtype=raw.dtype, shape=raw.shape, stype="numpy.ndarray",
+                                data=raw.data)
+        metrics = bad.metrics
+    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

@@ -19,11 +19,13 @@ from strategies.tsfa import TSFA
 
 def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
                   sampling: tuple[SamplingPlan, SystemModel, np.ndarray] | None = None,
-                  node_to_client: dict[int, int] | None = None) -> LoRAFedAvg:
+                  node_to_client: dict[int, int] | None = None,
+                  data_sizes: Mapping[int, int] | None = None) -> LoRAFedAvg:
     """``strategy`` + ``sparsifier`` keys -> strategy instance (config already validated).
 
     ``tsfa`` (from :func:`fedsoft.tsfa_plan.plan`) is required for ``tsfa``/``osfa``;
     ``sampling`` = (plan, system model, data sizes) (:mod:`fedsoft.sketch_plan`) for ``sketch``.
+    ``data_sizes`` (partition id -> examples) are the server-known weights of eq. (5).
     """
     name = str(cfg["strategy"])
     common = dict(
@@ -32,6 +34,9 @@ def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
         seed=int(cfg["seed"]),
         min_replies=int(cfg["min-replies"]),
         node_to_client=node_to_client,
+        data_sizes=data_sizes,
+        max_num_examples=int(cfg["max-num-examples"]),
+        update_norm_bound=float(cfg["update-norm-bound"]),
     )
     if name == "fedavg":
         if str(cfg["sparsifier"]) == "dense":

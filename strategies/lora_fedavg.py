@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -14,8 +14,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsoft.aggregate import ReplyError, check_like, check_weight, weighted_average
-from strategies.records import to_numpy, to_record
+from fedsoft.aggregate import (
+    AcceptedReply,
+    ReplyError,
+    check_like,
+    check_weight,
+    metric_float,
+    metric_int,
+    weighted_average,
+)
+from strategies.records import ReplyLayout, checked_numpy, to_numpy, to_record
+
+NORM_ROUNDS = 3  # rounds of accepted update norms pooled into the norm bound's reference
 
 
 class LoRAFedAvg(FedAvg):
@@ -24,9 +34,13 @@ class LoRAFedAvg(FedAvg):
     * samples ``clients_per_round`` of the connected nodes with a seeded ``random.Random``
       after waiting for ``min_available_nodes`` (K is capped at N);
     * sends one message per sampled node (hook :meth:`node_config` adds per-node values);
-    * validates every reply (keys, shapes, finite values, weight) and drops invalid ones with a
-      logged reason, so a bad reply never reaches the global model;
-    * aggregates A and B separately, weighted by data share (eq. 5);
+    * validates every reply in isolation (array bytes and layout before deserialising, the
+      round it answers, weight, metrics, finite values, update norm) and drops invalid ones
+      with a logged reason, so no reply can end the run or reach the global model;
+    * aggregates A and B separately, weighted by data share (eq. 5): the server-known
+      partition size (``data_sizes``) when it has one, else the reported ``num-examples``
+      capped at ``max_num_examples``; an update whose norm exceeds ``update_norm_bound`` x the
+      round's reference norm is dropped; a non-finite or out-of-bound aggregate is not applied;
     * measures uplink bytes from the ArrayRecords actually received (``count_bytes``);
     * keeps per-round statistics in :attr:`round_stats` for the run's metrics.jsonl.
 
@@ -43,6 +57,9 @@ class LoRAFedAvg(FedAvg):
         node_wait_timeout: float = 600.0,
         min_replies: int = 1,
         node_to_client: dict[int, int] | None = None,
+        data_sizes: Mapping[int, int] | None = None,
+        max_num_examples: int = 1_000_000,
+        update_norm_bound: float = 10.0,
     ) -> None:
         if clients_per_round < 1:
             raise ValueError(f"clients-per-round = {clients_per_round}: must be >= 1")
@@ -59,6 +76,15 @@ class LoRAFedAvg(FedAvg):
             raise ValueError(f"min-replies = {min_replies}: must be >= 1")
         self.min_replies = int(min_replies)
         self.node_to_client: dict[int, int] = dict(node_to_client or {})
+        self.data_sizes: dict[int, int] = {int(k): int(v) for k, v in (data_sizes or {}).items()}
+        if max_num_examples < 1:
+            raise ValueError(f"max-num-examples = {max_num_examples}: must be >= 1")
+        self.max_num_examples = int(max_num_examples)
+        if not np.isfinite(update_norm_bound) or update_norm_bound < 0:
+            raise ValueError(f"update-norm-bound = {update_norm_bound}: must be finite and >= 0")
+        self.update_norm_bound = float(update_norm_bound)
+        self._norm_history: list[list[float]] = []
+        self.accepted: list[AcceptedReply] = []
         self.dense_reply_bytes = 0  # count_bytes of the dense global record, set each round
         self.rng = random.Random(seed)
         self.node_wait_timeout = node_wait_timeout
@@ -98,12 +124,13 @@ class LoRAFedAvg(FedAvg):
     def state_dict(self) -> dict[str, Any]:
         """JSON-able strategy state between rounds (sampling RNG); subclasses extend it."""
         version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss]}
+        return {"rng": [version, list(internal), gauss], "norm_history": self._norm_history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (e.g. when a run resumes from a checkpoint)."""
         version, internal, gauss = state["rng"]
         self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        self._norm_history = [[float(n) for n in r] for r in state.get("norm_history", [])]
 
     # -- sampling -------------------------------------------------------------------------
     def sample_nodes(self, grid: Grid) -> tuple[list[int], list[int]]:
@@ -117,9 +144,14 @@ class LoRAFedAvg(FedAvg):
                 )
             log(INFO, "waiting for SuperNodes: %d/%d", len(all_ids), self.min_available_nodes)
             time.sleep(1.0)
-        k = min(self.clients_per_round, len(all_ids))
         all_ids = self.stable_order(all_ids)
-        return self.rng.sample(all_ids, k), all_ids
+        pool = self.eligible(all_ids)
+        k = min(self.clients_per_round, len(pool))
+        return self.rng.sample(pool, k), all_ids
+
+    def eligible(self, all_ids: list[int]) -> list[int]:
+        """Connected nodes that may be sampled (all here; TSFA and sketching need a slot)."""
+        return all_ids
 
     def client_key(self, node_id: int) -> int:
         """A node's stable identity for seeds: its partition id when known, else its node id.
@@ -128,15 +160,25 @@ class LoRAFedAvg(FedAvg):
         seeded positions and sketch indices on them makes a seed reproduce a run."""
         return int(self.node_to_client.get(node_id, node_id))
 
-    def client_index(self, node_id: int, all_ids: list[int], num_clients: int,
-                     what: str = "clients") -> int:
-        """Index of a node among ``num_clients`` model clients (channel, sampling plan): its
-        partition id when known, else its rank among the connected ids."""
-        idx = self.node_to_client.get(node_id, all_ids.index(node_id))
-        if not 0 <= idx < num_clients:
-            raise ValueError(f"node {node_id} maps to client {idx}, outside the {num_clients} "
-                             f"{what}")
-        return idx
+    def client_slots(self, all_ids: list[int], num_clients: int) -> dict[int, int]:
+        """Each connected node's index among ``num_clients`` model clients (channel, sampling
+        plan): its partition id when known and in range, else the lowest free index in
+        :meth:`stable_order`. Nodes left without an index are not in the result (and are not
+        sampled); this never raises, whatever the partition query returned."""
+        slots: dict[int, int] = {}
+        for nid in all_ids:
+            pid = self.node_to_client.get(nid)
+            if pid is not None and 0 <= pid < num_clients and pid not in slots.values():
+                slots[nid] = pid
+        free = iter(sorted(set(range(num_clients)) - set(slots.values())))
+        for nid in self.stable_order([n for n in all_ids if n not in slots]):
+            idx = next(free, None)
+            if idx is None:
+                log(WARNING, "node %s has no client slot (%d clients): not sampled", nid,
+                    num_clients)
+                continue
+            slots[nid] = idx
+        return slots
 
     def record_dense_uplink(self, server_round: int, replies: int) -> None:
         """``dense_uplink_bytes``: what dense fp32 LoRA would have sent for this round's replies
@@ -184,18 +226,49 @@ class LoRAFedAvg(FedAvg):
         ]
 
     # -- aggregation ----------------------------------------------------------------------
+    def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
+        """What a reply of ``node_id`` may hold this round, checked before deserialising
+        (dense: exactly the global keys and shapes in the global arrays' dtype)."""
+        return ReplyLayout.exact({k: (v.dtype.name, v.shape)
+                                  for k, v in self.global_arrays.items()})
+
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:
         """Validate one reply and return the arrays to aggregate (dense: the full factors)."""
         check_like(self.global_arrays, arrays, what=f"reply of node {node_id}")
         return arrays
 
+    def update_norm(self, decoded: dict[str, np.ndarray]) -> float:
+        """||x_i - x_global||_2 over every array (float64), what ``update-norm-bound`` bounds."""
+        return float(np.sqrt(sum(
+            np.sum((np.asarray(v, np.float64) - np.asarray(self.global_arrays[k], np.float64)) ** 2)
+            for k, v in decoded.items())))
+
+    def aggregate_norm_limit(self, accepted: list[AcceptedReply]) -> float:
+        """Largest ||aggregate - global|| the accepted replies can produce: a convex
+        combination (eq. 5) never moves further than its largest update."""
+        return max(a.norm for a in accepted)
+
     def combine(self, server_round: int, decoded: list[dict[str, np.ndarray]],
                 weights: list[float]) -> dict[str, np.ndarray]:
         """New global arrays from the valid replies (eq. 5)."""
         return weighted_average(decoded, weights)
 
-    def _unpack(self, msg: Message) -> tuple[dict[str, np.ndarray], MetricRecord, int]:
+    def reply_weight(self, node_id: int, reported: int) -> float:
+        """A reply's aggregation weight: the server-known size of the node's partition when the
+        server knows it (a different reported count is refused), otherwise the reported
+        ``num-examples`` capped at ``max-num-examples``."""
+        pid = self.node_to_client.get(node_id)
+        if pid is not None and pid in self.data_sizes:
+            known = int(self.data_sizes[pid])
+            if reported != known:
+                raise ReplyError(f"num-examples = {reported}, but partition {pid} holds {known}")
+            return float(known)
+        return float(min(reported, self.max_num_examples))
+
+    def _accept(self, server_round: int, msg: Message) -> AcceptedReply:
+        """Unpack, check and decode one reply; any failure raises (the caller drops it)."""
+        nid = msg.metadata.src_node_id
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise ReplyError(
@@ -204,51 +277,126 @@ class LoRAFedAvg(FedAvg):
             )
         record = next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()))
-        if self.weighted_by_key not in metrics:
-            raise ReplyError(f"metrics lack the weighting key '{self.weighted_by_key}'")
-        return to_numpy(record), metrics, int(record.count_bytes())
+        nbytes = int(record.count_bytes())
+        answered = metric_int(metrics, "server-round")
+        if answered != server_round:
+            raise ReplyError(f"reply answers round {answered}, this is round {server_round}")
+        reported = metric_int(metrics, self.weighted_by_key)
+        if reported < 1:
+            raise ReplyError(f"{self.weighted_by_key} = {reported}: must be >= 1")
+        weight = check_weight(self.reply_weight(nid, reported), self.weighted_by_key)
+        loss = metric_float(metrics, "train-loss", required=False)
+        train_s = metric_float(metrics, "train-s", required=False, minimum=0.0)
+        arrays = checked_numpy(record, self.reply_layout(server_round, nid),
+                               what=f"reply of node {nid}")
+        decoded = self.decode_reply(server_round, nid, arrays, metrics)
+        norm = self.update_norm(decoded)
+        if not np.isfinite(norm):
+            raise ReplyError(f"update norm {norm} is not finite")
+        extra = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)
+                 and np.isfinite(float(v))}
+        return AcceptedReply(nid, decoded, weight, norm, nbytes, loss, train_s or 0.0, extra)
+
+    def _bound_norms(self, server_round: int, accepted: list[AcceptedReply],
+                     dropped: list[str]) -> list[AcceptedReply]:
+        """Drop replies whose update norm exceeds ``update-norm-bound`` x the reference: the
+        lower median of this round's norms and the accepted norms of the last rounds."""
+        if self.update_norm_bound <= 0 or not accepted:
+            return accepted
+        pool = sorted([a.norm for a in accepted]
+                      + [n for r in self._norm_history for n in r])
+        ref = pool[(len(pool) - 1) // 2]
+        if ref <= 0:
+            return accepted
+        limit = self.update_norm_bound * ref
+        kept = []
+        for a in accepted:
+            if a.norm > limit:
+                dropped.append(f"node {a.node_id}: update norm {a.norm:.4g} > update-norm-bound "
+                               f"{self.update_norm_bound:g} x reference {ref:.4g}")
+            else:
+                kept.append(a)
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the round's valid replies; nothing one reply holds can end the run.
+
+        Each reply is checked in isolation (record layout and byte sizes before deserialising,
+        the round it answers, its weight, metrics, decoded values, update norm); a failing reply
+        is dropped with its reason logged and listed in ``dropped_reasons``. A non-finite or
+        out-of-bound aggregate is never applied (``skipped`` and ``aggregate_rejected``)."""
         stats = self.round_stats.setdefault(server_round, {})
         round_s = time.perf_counter() - self._round_t0
         self.reply_bytes = {}
-        decoded, weights, losses, uplink, dropped, train_s = [], [], [], 0, [], 0.0
-        received = 0
+        accepted: list[AcceptedReply] = []
+        dropped: list[str] = []
+        uplink, received = 0, 0
         for msg in replies:
             nid = msg.metadata.src_node_id
             if msg.has_error():
                 dropped.append(f"node {nid}: error {msg.error.reason}")
                 continue
+            received += 1
             try:
-                arrays, metrics, nbytes = self._unpack(msg)
-                uplink += nbytes  # bytes received, valid or not
-                received += 1
-                weight = check_weight(metrics[self.weighted_by_key], self.weighted_by_key)
-                decoded.append(self.decode_reply(server_round, nid, arrays, metrics))
-                weights.append(weight)
-                self.reply_bytes[nid] = nbytes
-                if "train-loss" in metrics:
-                    losses.append(float(metrics["train-loss"]))
-                train_s += float(metrics.get("train-s", 0.0))
-            except (ReplyError, ValueError, KeyError, TypeError) as err:
-                dropped.append(f"node {nid}: {err}")
+                uplink += sum(int(r.count_bytes()) for r in msg.content.array_records.values())
+            except Exception:  # noqa: BLE001, S110 - a record we cannot size is dropped below
+                pass
+            try:
+                accepted.append(self._accept(server_round, msg))
+            except Exception as err:  # noqa: BLE001 - one reply never ends a run
+                dropped.append(f"node {nid}: {type(err).__name__}: {err}"[:500])
+        accepted = self._bound_norms(server_round, accepted, dropped)
+        accepted.sort(key=lambda a: (self.client_key(a.node_id), a.node_id))  # reply order free
         for reason in dropped:
             log(WARNING, "round %d: dropped reply of %s", server_round, reason)
-        stats.update(num_clients=len(decoded), uplink_bytes=uplink, dropped=len(dropped),
-                     replies_received=received,
-                     round_s=round(round_s, 3), train_s=round(train_s, 3))
-        if len(decoded) < self.min_replies:
+        self.accepted = accepted
+        self.reply_bytes = {a.node_id: a.nbytes for a in accepted}
+        stats.update(num_clients=len(accepted), uplink_bytes=uplink, dropped=len(dropped),
+                     dropped_reasons=dropped, replies_received=received,
+                     round_s=round(round_s, 3),
+                     train_s=round(sum(a.train_s for a in accepted), 3))
+        if len(accepted) < self.min_replies:
             log(WARNING, "round %d: %d valid replies < min-replies = %d, global model unchanged",
-                server_round, len(decoded), self.min_replies)
+                server_round, len(accepted), self.min_replies)
             stats["skipped"] = 1
             return None, None
-        new_arrays = self.combine(server_round, decoded, weights)
-        train_loss = float(np.average(losses, weights=weights)) if len(losses) == len(weights) \
-            else float("nan")
+        weights = [a.weight for a in accepted]
+        try:
+            new_arrays = self.combine(server_round, [a.decoded for a in accepted], weights)
+            problem = self._check_aggregate(new_arrays, accepted)
+        except Exception as err:  # noqa: BLE001 - a failed aggregation leaves the model as is
+            problem = f"aggregation failed ({type(err).__name__}: {err})"
+        if problem is not None:
+            log(WARNING, "round %d: aggregate not applied, global model unchanged: %s",
+                server_round, problem)
+            stats.update(skipped=1, aggregate_rejected=1, aggregate_problem=problem[:500])
+            return None, None
+        self._norm_history = (self._norm_history + [[a.norm for a in accepted]])[-NORM_ROUNDS:]
+        losses = [a.loss for a in accepted]
+        train_loss = float(np.average(losses, weights=weights)) \
+            if all(v is not None for v in losses) else float("nan")
         stats["train_loss"] = train_loss
         return to_record(new_arrays), MetricRecord({"train-loss": train_loss})
+
+    def _check_aggregate(self, new: dict[str, np.ndarray],
+                         accepted: list[AcceptedReply]) -> str | None:
+        """Why ``new`` must not become the global model (None when it may)."""
+        if set(new) != set(self.global_arrays):
+            return "aggregate keys differ from the global model's"
+        for key, value in new.items():
+            if np.shape(value) != np.shape(self.global_arrays[key]):
+                return f"aggregate {key!r} has shape {np.shape(value)}"
+            if not np.all(np.isfinite(value)):
+                return f"aggregate {key!r} holds NaN or Inf"
+        if self.update_norm_bound > 0:
+            moved = self.update_norm(new)
+            limit = self.aggregate_norm_limit(accepted)
+            if moved > limit * (1 + 1e-3) + 1e-6:
+                return f"aggregate moved {moved:.4g}, more than the bound {limit:.4g}"
+        return None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

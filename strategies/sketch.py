@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedsoft.aggregate import AcceptedReply
+from fedsoft.lora import HEAD_PREFIX
 from fedsoft.sampling import unbiased_update
 from fedsoft.sketch import expand_reply, layer_indices
 from fedsoft.sketch_opt import SamplingPlan
+from fedsoft.sparse_update import layer_specs
 from fedsoft.wallclock import SystemModel
 from strategies.lora_fedavg import LoRAFedAvg
+from strategies.records import ReplyLayout
 
 
 class SketchFedAvg(LoRAFedAvg):
@@ -50,7 +53,6 @@ class SketchFedAvg(LoRAFedAvg):
         self.np_rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(5,)))
         self.wallclock_s = 0.0
         self._clients: dict[int, int] = {}
-        self._replied: list[int] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "np_rng": self.np_rng.bit_generator.state,
@@ -64,11 +66,10 @@ class SketchFedAvg(LoRAFedAvg):
     def sample_nodes(self, grid: Grid) -> tuple[list[int], list[int]]:
         """Independent sampling: node n takes part with probability q_n (may be none)."""
         _, all_ids = super().sample_nodes(grid)  # waits for min_available_nodes
-        self._clients = {nid: self.client_index(nid, all_ids, self.system.num_clients,
-                                                "clients of the sampling plan")
-                         for nid in all_ids}
-        draws = self.np_rng.random(len(all_ids))
-        chosen = [nid for nid, u in zip(all_ids, draws, strict=True)
+        self._clients = self.client_slots(all_ids, self.system.num_clients)
+        pool = [nid for nid in all_ids if nid in self._clients]
+        draws = self.np_rng.random(len(pool))
+        chosen = [nid for nid, u in zip(pool, draws, strict=True)
                   if u < self.plan.q[self._clients[nid]]]
         return chosen, all_ids
 
@@ -90,27 +91,42 @@ class SketchFedAvg(LoRAFedAvg):
         cfg["sketch-size"] = int(self.plan.k[self._clients[node_id]])
         return cfg
 
+    def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
+        """Exactly the sketched rows of A, columns of B and the head, in float32."""
+        k = int(self.plan.k[self._clients[node_id]])
+        layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for spec in layer_specs(self.global_arrays):
+            layout[spec.name + ".lora_A"] = ("float32", (k, spec.k))
+            layout[spec.name + ".lora_B"] = ("float32", (spec.d, k))
+        for key, value in self.global_arrays.items():
+            if key.startswith(HEAD_PREFIX):
+                layout[key] = ("float32", value.shape)
+        return ReplyLayout.exact(layout)
+
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:
         k = int(self.plan.k[self._clients[node_id]])
         indices = layer_indices(self.global_arrays, k, self.sketch_seed, server_round,
                                 self.client_key(node_id))
-        delta = expand_reply(self.global_arrays, arrays, indices)
-        self._replied.append(node_id)
-        return delta
+        return expand_reply(self.global_arrays, arrays, indices)
+
+    def update_norm(self, decoded: dict[str, np.ndarray]) -> float:
+        """A sketched reply is already a delta: its own norm."""
+        return float(np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2)
+                                 for v in decoded.values())))
+
+    def aggregate_norm_limit(self, accepted: list[AcceptedReply]) -> float:
+        """eta_s sum_n (a_n / q_n) ||Delta_n||: the most the unbiased update (B.1) can move."""
+        idx = [self._clients[a.node_id] for a in accepted]
+        w = self.data_shares[idx] / self.plan.q[idx]
+        return float(self.server_lr * np.sum(w * np.array([a.norm for a in accepted])))
 
     def combine(self, server_round: int, decoded: list[dict[str, np.ndarray]],
                 weights: list[float]) -> dict[str, np.ndarray]:
-        idx = [self._clients[n] for n in self._replied]
+        idx = [self._clients[a.node_id] for a in self.accepted]
         self.record_dense_uplink(server_round, len(decoded))
         return unbiased_update(self.global_arrays, decoded, self.data_shares[idx],
                                self.plan.q[idx], self.server_lr)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self._replied = []
-        return super().aggregate_train(server_round, replies)
 
     def summary(self) -> None:
         log(INFO, "\tSketchFedAvg: independent sampling, E[participants] = %.2f, k = %s",

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, MetricRecord
+from flwr.common import log
 
+from fedsoft import codec
 from fedsoft.covariance import cov_fro
 from fedsoft.orthogonality import orth_offdiag
-from fedsoft.sparse_update import SparseSettings, decode_update, layer_specs
+from fedsoft.sparse_update import SparseSettings, decode_update, head_arrays, layer_specs
 from fedsoft.spectrum import svd_proxy_rel_err
 from strategies.lora_fedavg import LoRAFedAvg
+from strategies.records import ReplyLayout
 
 
 def _factor_pairs(arrays: dict[str, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [
-        (torch.from_numpy(arrays[s.name + ".lora_A"]), torch.from_numpy(arrays[s.name + ".lora_B"]))
+        (torch.from_numpy(np.asarray(arrays[s.name + ".lora_A"], dtype=np.float64)),
+         torch.from_numpy(np.asarray(arrays[s.name + ".lora_B"], dtype=np.float64)))
         for s in layer_specs(arrays)
     ]
 
@@ -39,11 +44,6 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         super().__init__(clients_per_round, **kwargs)
         self.settings = settings
         self.probe_layers = probe_layers
-        self._client_metrics: list[dict[str, float]] = []
-
-    def configure_train(self, server_round: int, arrays, config, grid):
-        self._client_metrics = []
-        return super().configure_train(server_round, arrays, config, grid)
 
     def round_settings(self, server_round: int, node_id: int) -> SparseSettings:
         """Settings a node uses this round (fixed here; TSFA varies the ratio per round)."""
@@ -54,16 +54,27 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         cfg["sparsity-ratio"] = float(self.round_settings(server_round, node_id).sparsity)
         return cfg
 
+    def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
+        """The codec's keys and dtypes (:mod:`fedsoft.codec`), the head in the wire dtype and
+        its own shape, at most twice the dense reply's bytes (checked before deserialising)."""
+        wire = self.round_settings(server_round, node_id).dtype
+        one_d = {codec.VALS: {wire}, codec.CNT: {"uint16", "uint32"}, codec.POS_MODE: {"uint8"},
+                 codec.IDX: {"uint16"}, codec.BMP: {"uint8"}}
+        arrays = {k: (frozenset(v), None) for k, v in one_d.items()}
+        heads = head_arrays(self.global_arrays)
+        arrays.update({codec.DENSE_PREFIX + k: (frozenset({wire}), v.shape)
+                       for k, v in heads.items()})
+        required = {codec.VALS, codec.CNT, codec.POS_MODE} | {codec.DENSE_PREFIX + k
+                                                               for k in heads}
+        return ReplyLayout(arrays, frozenset(required), 2 * self.dense_reply_bytes + 4096)
+
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:
-        decoded = decode_update(
+        return decode_update(
             arrays, self.global_arrays, self.round_settings(server_round, node_id),
             server_round=server_round, node_id=self.client_key(node_id),
             max_bytes=2 * self.dense_reply_bytes + 4096,
         )
-        self._client_metrics.append({k: float(v) for k, v in metrics.items()
-                                     if isinstance(v, int | float)})
-        return decoded
 
     def combine(self, server_round: int, decoded: list[dict[str, np.ndarray]],
                 weights: list[float]) -> dict[str, np.ndarray]:
@@ -71,21 +82,40 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         self.record_dense_uplink(server_round, len(decoded))
         stats = self.round_stats.setdefault(server_round, {})
         stats["sparsity"] = float(self.round_settings(server_round, 0).sparsity)
-        specs = layer_specs(new)
-        per_client = [_factor_pairs(d) for d in decoded]
-        cov_sq = sum(
-            cov_fro([pc[i][0] for pc in per_client], [pc[i][1] for pc in per_client], weights) ** 2
-            for i in range(len(specs))
-        )
-        stats["cov_fro"] = float(np.sqrt(cov_sq))
-        pairs = _factor_pairs(new)
-        stats["orth_offdiag"] = orth_offdiag(pairs)
-        probe = np.linspace(0, len(pairs) - 1, min(self.probe_layers, len(pairs))).round()
-        errs = [svd_proxy_rel_err(*pairs[int(i)]) for i in sorted(set(probe))]
-        finite = [e for e in errs if np.isfinite(e)]
-        stats["svd_proxy_rel_err"] = float(np.mean(finite)) if finite else float("nan")
-        energy = [m["kept-energy-ratio"] for m in self._client_metrics if "kept-energy-ratio" in m]
+        stats.update(self.diagnostics(new, decoded, weights))
+        energy = [a.metrics["kept-energy-ratio"] for a in self.accepted
+                  if "kept-energy-ratio" in a.metrics]
         if energy:
             stats["kept_energy_ratio"] = float(np.mean(energy))
-        self._client_metrics = []
         return new
+
+    def diagnostics(self, new: dict[str, np.ndarray], decoded: list[dict[str, np.ndarray]],
+                    weights: list[float]) -> dict[str, float]:
+        """``cov_fro`` (eqs. 20-22), ``orth_offdiag`` and ``svd_proxy_rel_err`` in float64;
+        a diagnostic that fails is logged and reported as NaN, never fatal."""
+        out: dict[str, float] = {}
+
+        def cov() -> float:
+            per_client = [_factor_pairs(d) for d in decoded]
+            return float(np.sqrt(sum(
+                cov_fro([pc[i][0] for pc in per_client], [pc[i][1] for pc in per_client],
+                        weights) ** 2
+                for i in range(len(layer_specs(new))))))
+
+        def orth() -> float:
+            return float(orth_offdiag(_factor_pairs(new)))
+
+        def proxy() -> float:
+            pairs = _factor_pairs(new)
+            probe = np.linspace(0, len(pairs) - 1, min(self.probe_layers, len(pairs))).round()
+            errs = [svd_proxy_rel_err(*pairs[int(i)]) for i in sorted(set(probe))]
+            finite = [e for e in errs if np.isfinite(e)]
+            return float(np.mean(finite)) if finite else float("nan")
+
+        for name, fn in (("cov_fro", cov), ("orth_offdiag", orth), ("svd_proxy_rel_err", proxy)):
+            try:
+                out[name] = fn()
+            except Exception as err:  # noqa: BLE001 - diagnostics never end a round
+                log(WARNING, "diagnostic %s failed: %s: %s", name, type(err).__name__, err)
+                out[name] = float("nan")
+        return out

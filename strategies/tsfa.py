@@ -45,6 +45,7 @@ class TSFA(SparseLoRAFedAvg):
         self._decision: Decision | None = None
         self._round_nodes: list[int] = []
         self._gains: np.ndarray = np.zeros(0)
+        self._slots: dict[int, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "controller": self.controller.state_dict()}
@@ -53,13 +54,16 @@ class TSFA(SparseLoRAFedAvg):
         super().load_state_dict(state)
         self.controller.load_state_dict(state["controller"])
 
+    def eligible(self, all_ids: list[int]) -> list[int]:
+        """Nodes with a channel client slot (partition id, else a free index)."""
+        self._slots = self.client_slots(all_ids, self.channel.config.num_clients)
+        return [nid for nid in all_ids if nid in self._slots]
+
     def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
         """Observe the scheduled clients' CSI, solve P3 for rho_t, split the band (eq. 41)."""
         gains_all = self.channel.draw(server_round)
         self._round_nodes = list(node_ids)
-        n = self.channel.config.num_clients
-        self._gains = np.array([gains_all[self.client_index(nid, all_ids, n, "channel clients")]
-                                for nid in node_ids])
+        self._gains = np.array([gains_all[self._slots[nid]] for nid in node_ids])
         specs = layer_specs(self.global_arrays)
         heads = [int(v.size) for v in head_arrays(self.global_arrays).values()]
         seeded = bool(self.settings.make().positions_from_seed)

@@ -61,9 +61,11 @@ def _arrays(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
     return out
 
 
-def _reply(to: Message, arrays: dict, n: int, src: int) -> Message:
+def _reply(to: Message, arrays: dict, n: int, src: int, **metrics) -> Message:
+    rnd = int(to.content["config"]["server-round"])
     content = RecordDict({"arrays": to_record(arrays),
-                          "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})})
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0,
+                                                   "server-round": rnd, **metrics})})
     msg = Message(content=content, reply_to=to)
     msg.metadata.__dict__["_src_node_id"] = src  # replies carry the sender's node id
     return msg
