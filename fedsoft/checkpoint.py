@@ -1,21 +1,36 @@
-"""Server checkpoints: adapter, exact arrays, strategy state and metrics, written atomically."""
+"""Server checkpoints: adapter, exact arrays, strategy state and metrics, written durably."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.common import log
+
+from fedsoft.durable import fsync_dir, fsync_file, fsync_tree
 
 __all__ = ["CheckpointError", "RESUME_IGNORED", "check_compatible", "load", "save"]
 
 # keys a resumed run may change (everything else must match the checkpoint's config)
 RESUME_IGNORED = frozenset({"num-server-rounds", "run-dir", "resume-from", "checkpoint-every",
                             "round-timeout", "device", "preset"})
+
+_ROUND_DIR = re.compile(r"round-(\d+)")
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members / an empty one
+# what numpy, zipfile, zlib and json raise on a truncated, corrupted or hostile file
+_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, struct.error,
+                OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+                NotImplementedError, RecursionError, MemoryError, OverflowError)
 
 
 class CheckpointError(ValueError):
@@ -24,49 +39,179 @@ class CheckpointError(ValueError):
 
 def save(root: Path | str, server_round: int, arrays: Mapping[str, np.ndarray],
          state: Mapping[str, Any], save_adapter: Callable[[Path], None] | None = None) -> Path:
-    """Write ``<root>/round-<t>/`` (``arrays.npz``, ``state.json``, ``adapter/``) atomically:
-    everything goes to a temporary sibling directory first, then one rename publishes it."""
+    """Write ``<root>/round-<t>/`` (``arrays.npz``, ``state.json``, ``adapter/``) durably:
+    everything goes to a temporary sibling directory, every file and directory in it is fsynced,
+    one rename publishes it and the parent directory is fsynced after the rename."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        fsync_dir(root.parent)
     final = root / f"round-{int(server_round):05d}"
     tmp = root / f".round-{int(server_round):05d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    np.savez(tmp / "arrays.npz", **{k: np.asarray(v) for k, v in arrays.items()})
-    (tmp / "state.json").write_text(json.dumps({"round": int(server_round), **state}))
-    if save_adapter is not None:
-        save_adapter(tmp / "adapter")
+    try:
+        text = json.dumps({"round": int(server_round), **state})
+        np.savez(tmp / "arrays.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+        fsync_file(tmp / "arrays.npz")
+        (tmp / "state.json").write_text(text)
+        fsync_file(tmp / "state.json")
+        if save_adapter is not None:
+            save_adapter(tmp / "adapter")
+            if (tmp / "adapter").exists():
+                fsync_tree(tmp / "adapter")
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         old = root / f".round-{int(server_round):05d}.old-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(root)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+        fsync_dir(root)
     return final
 
 
-def load(path: Path | str) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
-    """(round, arrays, state) from a checkpoint directory, or the latest one under a run's
-    ``checkpoints/`` directory; :class:`CheckpointError` names what is wrong."""
-    path = Path(path)
-    if path.is_dir() and not (path / "state.json").exists():
-        rounds = sorted(p for p in path.glob("round-*") if (p / "state.json").exists())
-        if not rounds:
-            raise CheckpointError(f"resume-from={str(path)!r}: no round-* checkpoint in it")
-        path = rounds[-1]
-    if not (path / "state.json").is_file() or not (path / "arrays.npz").is_file():
-        raise CheckpointError(f"resume-from={str(path)!r}: not a checkpoint directory "
-                              "(needs state.json and arrays.npz)")
+def _round_dirs(root: Path) -> list[Path]:
+    """``round-<t>`` directories under ``root``, newest first."""
+    found = []
+    for p in root.iterdir():
+        m = _ROUND_DIR.fullmatch(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _is_round_dir(path: Path) -> bool:
+    return bool(_ROUND_DIR.fullmatch(path.name)) or (path / "state.json").exists() \
+        or (path / "arrays.npz").exists()
+
+
+def _bad(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"resume-from={str(path)!r}: {what}")
+
+
+def _read_state(path: Path) -> tuple[int, dict[str, Any]]:
+    file = path / "state.json"
     try:
-        state = json.loads((path / "state.json").read_text())
-        with np.load(path / "arrays.npz", allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        server_round = int(state.pop("round"))
-    except (ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(f"resume-from={str(path)!r}: unreadable checkpoint ({exc})") from exc
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise _bad(path, f"state.json unreadable ({exc})") from exc
+    if not raw.strip():
+        raise _bad(path, f"state.json is empty ({len(raw)} bytes): truncated checkpoint")
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except _READ_ERRORS as exc:
+        raise _bad(path, f"state.json is not valid JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise _bad(path, f"state.json holds a JSON {type(state).__name__}, not an object")
+    server_round = state.pop("round", None)
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+        raise _bad(path, f"state.json 'round' = {server_round!r}: need an integer >= 0")
+    m = _ROUND_DIR.fullmatch(path.name)
+    if m and int(m.group(1)) != server_round:
+        raise _bad(path, f"state.json says round {server_round}, the directory round "
+                         f"{int(m.group(1))}")
+    for key, kind in (("config", dict), ("strategy", dict), ("metrics", list)):
+        if key not in state:
+            raise _bad(path, f"state.json lacks '{key}'")
+        if not isinstance(state[key], kind):
+            raise _bad(path, f"state.json '{key}' is a {type(state[key]).__name__}, "
+                             f"need a {kind.__name__}")
+    if not all(isinstance(k, str) for k in state["config"]):
+        raise _bad(path, "state.json 'config' has non-string keys")
+    bad_rows = [i for i, row in enumerate(state["metrics"]) if not isinstance(row, dict)]
+    if bad_rows:
+        raise _bad(path, f"state.json 'metrics' rows {bad_rows[:5]} are not objects")
+    return server_round, state
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    file = path / "arrays.npz"
+    try:
+        size = file.stat().st_size
+    except OSError as exc:
+        raise _bad(path, f"arrays.npz unreadable ({exc})") from exc
+    if size == 0:
+        raise _bad(path, "arrays.npz is empty (0 bytes): truncated checkpoint")
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise _bad(path, f"arrays.npz unreadable ({exc})") from exc
+    if head not in _ZIP_MAGIC:
+        raise _bad(path, f"arrays.npz is not an .npz (zip) archive: starts with {head!r}")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise TypeError(f"a {type(data).__name__}, not an .npz archive")
+            arrays = {k: np.array(data[k]) for k in data.files}  # reads (and CRC-checks) all
+    except _READ_ERRORS as exc:
+        raise _bad(path, f"arrays.npz is corrupt or truncated ({type(exc).__name__}: {exc})"
+                   ) from exc
+    if not arrays:
+        raise _bad(path, "arrays.npz holds no arrays")
+    for k, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise _bad(path, f"arrays.npz '{k}' has dtype {a.dtype}, need floats")
+        if not np.all(np.isfinite(a)):
+            raise _bad(path, f"arrays.npz '{k}' has {int(np.sum(~np.isfinite(a)))} non-finite "
+                             "values")
+    return arrays
+
+
+def _load_one(path: Path) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    if not path.is_dir():
+        raise _bad(path, "no such checkpoint directory")
+    missing = [n for n in ("state.json", "arrays.npz") if not (path / n).is_file()]
+    if missing:
+        raise _bad(path, f"not a checkpoint directory (lacks {' and '.join(missing)}; needs "
+                         "state.json and arrays.npz)")
+    server_round, state = _read_state(path)
+    arrays = _read_arrays(path)
     return server_round, arrays, state
+
+
+def load(path: Path | str) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    """(round, arrays, state) of a checkpoint directory, or of the newest good one under a run's
+    ``checkpoints/`` directory.
+
+    Under ``checkpoints/`` the ``round-*`` directories are tried newest first; a corrupt one is
+    skipped with a WARNING naming it and what is wrong. An explicit ``round-*`` directory that
+    is corrupt raises. Every failure is a :class:`CheckpointError` naming the path and the
+    problem. The checkpoint used is logged (INFO)."""
+    path = Path(path)
+    if not path.exists():
+        raise _bad(path, "no such directory")
+    if not path.is_dir():
+        raise _bad(path, "not a directory (give a round-* checkpoint or a run's checkpoints/)")
+    if _is_round_dir(path):
+        out = _load_one(path)
+        log(INFO, "resume-from: checkpoint %s (round %d)", path, out[0])
+        return out
+    rounds = _round_dirs(path)
+    if not rounds:
+        raise _bad(path, "no round-* checkpoint in it")
+    skipped = []
+    for candidate in rounds:
+        try:
+            out = _load_one(candidate)
+        except CheckpointError as exc:
+            log(WARNING, "skipping corrupt checkpoint %s: %s", candidate, exc)
+            skipped.append(str(exc))
+            continue
+        if skipped:
+            log(WARNING, "resume-from: using the newest good checkpoint %s (round %d); %d newer "
+                "one(s) skipped as corrupt", candidate, out[0], len(skipped))
+        else:
+            log(INFO, "resume-from: checkpoint %s (round %d)", candidate, out[0])
+        return out
+    raise _bad(path, f"every round-* checkpoint in it is corrupt: {'; '.join(skipped)}")
 
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
