@@ -114,7 +114,12 @@ def test_error_memory_survives_a_restart_and_ignores_the_future(tmp_path):
     assert t == 4 and np.array_equal(got["l0"], mem["l0"] + 4)
     assert load_ef(tmp_path, 3, server_round=5) == (None, None)  # another partition
     (tmp_path / "ef-partition2-round6.npz").write_bytes(b"garbage")
-    assert load_ef(tmp_path, 2, server_round=7)[1] == 4  # unreadable file skipped
+    # a corrupt latest memory is reset (not replaced by the stale round-4 one) and moved aside
+    assert load_ef(tmp_path, 2, server_round=7) == (None, None)
+    assert (tmp_path / "ef-partition2-round6.npz.corrupt").is_file()
+    assert load_ef(tmp_path, 2, server_round=7) == (None, None)  # still no stale fallback
+    save_ef(tmp_path, 2, 7, mem, keep_every=4)
+    assert load_ef(tmp_path, 2, server_round=8)[1] == 7
 
 
 def test_simulated_failures_hit_about_the_configured_fraction():
@@ -149,7 +154,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     bad.mkdir()
     (bad / "state.json").write_text("{not json")
     (bad / "arrays.npz").write_bytes(b"")
-    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+    with pytest.raises(checkpoint.CheckpointError, match="state.json is not valid JSON"):
         checkpoint.load(bad)
     cfg = resolve({})
     checkpoint.check_compatible(cfg, {**cfg, "num-server-rounds": 50, "run-dir": "elsewhere"})
