@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -9,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 Scalar = bool | int | float | str
+
+# what a preset may be called: the stem of a file in conf/, no path separators or dots
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class ConfigError(ValueError):
@@ -88,7 +93,7 @@ _SCHEMA: dict[str, Key] = {
     "bound-kappa-s": Key(0.0, _non_negative, ">= 0"),
     "bound-kappa-c": Key(0.001, _non_negative, ">= 0"),
     "bound-kappa-e": Key(1.0, _non_negative, ">= 0"),
-    "bound-rank-ideal": Key(64.0, _positive, "> 0"),
+    "bound-rank-ideal": Key(64.0, lambda v: v >= 1, ">= 1 (R*, a rank)"),
     "bound-sigma-bar": Key(1.0, _non_negative, ">= 0"),
     "bound-sigma-max": Key(1.0, _non_negative, ">= 0"),
     "bound-p": Key(1, lambda v: v in (1, 2), "1 or 2"),
@@ -145,6 +150,10 @@ def _coerce(key: str, value: Any) -> Scalar:
             return int(value)
     elif isinstance(default, float):
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(
+                    f"run-config key '{key}' = {value!r}: must be a finite number (not inf or nan)"
+                )
             return float(value)
     elif isinstance(value, str):
         return value
@@ -172,6 +181,8 @@ def validate(config: Mapping[str, Any]) -> dict[str, Scalar]:
             ranks = parse_int_list(str(out[key]), key)
             if key == "tsfa-ranks" and (not ranks or min(ranks) < 1):
                 raise ConfigError(f"run-config key '{key}' = {out[key]!r}: need ranks >= 1")
+            if key == "tsfa-ranks" and len(set(ranks)) != len(ranks):
+                raise ConfigError(f"run-config key '{key}' = {out[key]!r}: ranks must be distinct")
     return out
 
 
@@ -194,17 +205,33 @@ def parse_int_list(value: str, key: str = "lora-layers") -> list[int]:
     return out
 
 
+def preset_names(conf_dir: Path) -> list[str]:
+    """The presets of ``conf_dir``: stems of its ``*.toml`` files that are valid preset names."""
+    return sorted(p.stem for p in Path(conf_dir).glob("*.toml")
+                  if PRESET_NAME.fullmatch(p.stem) and p.is_file())
+
+
 def load_preset(name: str, conf_dir: Path) -> dict[str, Scalar]:
-    """Read ``conf_dir/<name>.toml`` (flat TOML of run-config keys)."""
-    path = conf_dir / f"{name}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in conf_dir.glob("*.toml"))
-        raise ConfigError(f"run-config key 'preset' = {name!r}: no file {path}; known: {known}")
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
+    """Read ``conf_dir/<name>.toml`` (flat TOML of run-config keys).
+
+    ``name`` must be one of :func:`preset_names` (no paths, no ``.toml``); errors list the
+    known names and never show a file-system path."""
+    known = preset_names(conf_dir)
+    if not isinstance(name, str) or not PRESET_NAME.fullmatch(name) or name not in known:
+        raise ConfigError(f"run-config key 'preset' = {name!r}: not a known preset; the presets "
+                          f"are the names of the files in conf/ without .toml: {known}")
+    try:
+        with (Path(conf_dir) / f"{name}.toml").open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"run-config key 'preset' = {name!r}: conf/{name}.toml is unreadable "
+                          f"({type(exc).__name__})") from None
     if "preset" in data:
-        raise ConfigError(f"preset file {path} must not set 'preset' itself")
-    return validate(data)
+        raise ConfigError(f"preset {name!r}: conf/{name}.toml must not set 'preset' itself")
+    try:
+        return validate(data)
+    except ConfigError as exc:
+        raise ConfigError(f"preset {name!r} (conf/{name}.toml): {exc}") from None
 
 
 def resolve(run_config: Mapping[str, Any], conf_dir: Path | None = None) -> dict[str, Scalar]:
@@ -252,6 +279,26 @@ def resolve(run_config: Mapping[str, Any], conf_dir: Path | None = None) -> dict
         raise ConfigError(
             f"run-config key 'sparsity' = {out['sparsity']!r} with sparsifier = 'dense': dense "
             "LoRA sends every entry; set sparsity = 0 or choose a sparsifier"
+        )
+    if out["strategy"] == "sketch":  # independent sampling: at most the nodes waited for reply
+        if out["min-replies"] > out["min-available-nodes"]:
+            raise ConfigError(
+                f"run-config keys 'min-replies' = {out['min-replies']!r} and "
+                f"'min-available-nodes' = {out['min-available-nodes']!r}: with strategy = "
+                "'sketch' need min-replies <= min-available-nodes, or no round is ever applied"
+            )
+    elif out["min-replies"] > out["clients-per-round"]:
+        raise ConfigError(
+            f"run-config keys 'min-replies' = {out['min-replies']!r} and 'clients-per-round' = "
+            f"{out['clients-per-round']!r}: need min-replies <= clients-per-round, or no round "
+            "is ever applied"
+        )
+    if (out["strategy"] in ("tsfa", "osfa") and out["p3-solver"] == "closed_form"
+            and out["bound-p"] != 1):
+        raise ConfigError(
+            f"run-config keys 'p3-solver' = 'closed_form' and 'bound-p' = {out['bound-p']!r}: "
+            "the closed-form P3 solution needs bound-p = 1; use p3-solver = 'cvxpy' or "
+            "'bisection'"
         )
     return out
 

@@ -9,15 +9,27 @@ import numpy as np
 
 from fedsoft.channel import Channel
 from fedsoft.sketch_opt import SamplingPlan, SketchObjective, optimize_sampling, uniform_plan
-from fedsoft.tsfa_plan import channel_config
+from fedsoft.tsfa_plan import CHANNEL_KEYS, channel_config, run_config_errors
 from fedsoft.wallclock import SystemModel, compute_speeds
 
 __all__ = ["plan", "plan_table", "system_model"]
 
+SYSTEM_KEYS = ("compute-s-per-step", "compute-heterogeneity", "compute-lora-share",
+               "bandwidth-allocation", "round-overhead-s", "local-steps", *CHANNEL_KEYS)
+SAMPLING_KEYS = ("sampling", "sampling-q", "sampling-q-min", "sketch-ratio", "sketch-k",
+                 "sketch-alpha0", "sketch-alpha1", "sketch-xi", "sketch-mc-draws")
+
 
 def system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_total: int,
                  head_values: int) -> SystemModel:
-    """Heterogeneous compute (B.3) and the channel of A.3 for ``num_clients`` clients."""
+    """Heterogeneous compute (B.3) and the channel of A.3 for ``num_clients`` clients; a bad
+    value is a ConfigError naming its run-config key."""
+    with run_config_errors(cfg, SYSTEM_KEYS):
+        return _system_model(cfg, num_clients, rank, d_plus_k_total, head_values)
+
+
+def _system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_total: int,
+                  head_values: int) -> SystemModel:
     cc = channel_config(cfg, num_clients)
     steps = int(cfg["local-steps"]) or 1
     return SystemModel(
@@ -36,7 +48,13 @@ def system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_t
 
 def plan(cfg: Mapping[str, Any], system: SystemModel,
          data_sizes: Sequence[int]) -> SamplingPlan:
-    """q and k per client for ``sampling`` = optimized | uniform | full (B.5 baselines)."""
+    """q and k per client for ``sampling`` = optimized | uniform | full (B.5 baselines); a bad
+    value is a ConfigError naming its run-config key."""
+    with run_config_errors(cfg, SAMPLING_KEYS):
+        return _plan(cfg, system, data_sizes)
+
+
+def _plan(cfg: Mapping[str, Any], system: SystemModel, data_sizes: Sequence[int]) -> SamplingPlan:
     a = np.asarray(data_sizes, dtype=np.float64)
     k0 = max(1, int(round(float(cfg["sketch-ratio"]) * system.rank)))
     objective = SketchObjective(float(cfg["sketch-alpha0"]), float(cfg["sketch-alpha1"]),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +15,114 @@ from fedsoft.calibration import load_calibration
 from fedsoft.channel import Channel, ChannelConfig
 from fedsoft.client_update import sparse_settings
 from fedsoft.codec import LayerSpec
-from fedsoft.config import parse_int_list
+from fedsoft.config import DEFAULTS, ConfigError, parse_int_list
 from fedsoft.offline import OfflineResult, choose_rank_for_channel
 from fedsoft.online import OSFAController, TSFAController
 from fedsoft.sparse_update import estimate_payload_bytes
+
+CHANNEL_KEYS = ("channel-distance-min", "channel-distance-max", "path-loss-exponent",
+                "tx-power-w", "bandwidth-hz", "noise-psd-dbm-hz")
+BOUND_KEYS = ("bound-kappa-r", "bound-kappa-s", "bound-kappa-c", "bound-kappa-e",
+              "bound-rank-ideal", "bound-sigma-bar", "bound-sigma-max", "bound-p",
+              "bound-calibration")
+TSFA_KEYS = ("latency-budget", "lyapunov-v", "sparsity-min", "sparsity-max", "tsfa-ranks",
+             "p3-solver", "offline-nominal", "lora-rank")
+
+# argument names of the channel, bound, offline, online and wall-clock modules -> run-config keys
+INTERNAL_NAMES: dict[str, tuple[str, ...]] = {
+    "T_bar": ("latency-budget",),
+    "V": ("lyapunov-v",),
+    "rho_min": ("sparsity-min",),
+    "rho_max": ("sparsity-max",),
+    "min_distance_m": ("channel-distance-min",),
+    "max_distance_m": ("channel-distance-max",),
+    "path_loss_exponent": ("path-loss-exponent",),
+    "tx_power_w": ("tx-power-w",),
+    "bandwidth_hz": ("bandwidth-hz",),
+    "noise_psd_dbm_per_hz": ("noise-psd-dbm-hz",),
+    "noise_power_w": ("noise-psd-dbm-hz", "bandwidth-hz"),
+    "spectral_eff": CHANNEL_KEYS,
+    "mean_spectral_eff": CHANNEL_KEYS,
+    "inv_gamma_sum": CHANNEL_KEYS,
+    "kappa_R": ("bound-kappa-r",),
+    "kappa_S": ("bound-kappa-s",),
+    "kappa_C": ("bound-kappa-c",),
+    "kappa_E": ("bound-kappa-e",),
+    "r_star_ideal": ("bound-rank-ideal",),
+    "sigma_bar": ("bound-sigma-bar",),
+    "sigma_max": ("bound-sigma-max",),
+    "p": ("bound-p",),
+    "solver": ("p3-solver",),
+    "ranks": ("tsfa-ranks",),
+    "mode": ("offline-nominal",),
+    "compute_s_per_step": ("compute-s-per-step",),
+    "compute_heterogeneity": ("compute-heterogeneity",),
+    "round_overhead_s": ("round-overhead-s",),
+    "k_init": ("sketch-ratio",),
+    "expected participants budget": ("sampling-q",),
+}
+# short or common words count only as ``name must``, ``name=``, ``name[`` (or ``bound.p``)
+_STRICT = {"V", "p", "solver", "ranks", "mode"}
+
+
+def _name_pattern(name: str) -> re.Pattern[str]:
+    core = rf"(?<![\w.]){re.escape(name)}"
+    if name in _STRICT:
+        extra = r"|bound\.p\b" if name == "p" else ""
+        return re.compile(rf"{core}(?=\s+must\b|\s*=|\[){extra}")
+    return re.compile(rf"{core}(?!\w)")
+
+
+_PATTERNS = {name: _name_pattern(name) for name in INTERNAL_NAMES}
+_KEY_PATTERNS = {key: re.compile(rf"(?<![\w-]){re.escape(key)}\s*=") for key in DEFAULTS}
+
+
+def as_config_error(exc: BaseException, cfg: Mapping[str, Any],
+                    stage_keys: Sequence[str] = ()) -> ConfigError | None:
+    """``exc`` from a library constructor as a :class:`ConfigError` that names the run-config
+    keys (and their values) behind the internal names in its message, e.g. ``T_bar`` ->
+    ``latency-budget``; the library's message follows. With no name recognised, an overflow
+    (ArithmeticError) names ``stage_keys`` (the keys that set-up step reads); other errors give
+    None (nothing to attribute: e.g. data shares, not the run config)."""
+    msg = str(exc) or type(exc).__name__
+    calibrated = bool(cfg.get("bound-calibration"))
+    keys: list[str] = []
+    legend: list[str] = []
+    for name, pattern in _PATTERNS.items():
+        if not pattern.search(msg):
+            continue
+        mapped = INTERNAL_NAMES[name]
+        if calibrated and name in ("sigma_bar", "sigma_max"):
+            mapped = ("bound-calibration",)
+        keys += [k for k in mapped if k not in keys]
+        legend.append(f"{name} is '{mapped[0]}'" if len(mapped) == 1 else
+                      f"{name} follows from these keys")
+    if not keys:
+        if any(pattern.search(msg) for pattern in _KEY_PATTERNS.values()):
+            return ConfigError(msg)  # the message already names its key
+        if not isinstance(exc, ArithmeticError):
+            return None
+        keys = [k for k in stage_keys if k in cfg]
+    label = "key" if len(keys) == 1 else "keys"
+    shown = ", ".join(f"'{k}' = {cfg.get(k)!r}" for k in keys)
+    names = f" ({'; '.join(legend)})" if legend else ""
+    what = f"{type(exc).__name__}: {msg}" if isinstance(exc, ArithmeticError) else msg
+    return ConfigError(f"run-config {label} {shown}{names}: {what}")
+
+
+@contextmanager
+def run_config_errors(cfg: Mapping[str, Any], stage_keys: Sequence[str] = ()) -> Iterator[None]:
+    """Re-raise ValueError, TypeError and ArithmeticError of the block as :func:`as_config_error`
+    (a :class:`ConfigError`, itself a ValueError) where it names a key; other errors pass."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        err = as_config_error(exc, cfg, stage_keys)
+        if err is None:
+            raise
+        raise err from exc
 
 
 @dataclass
@@ -100,8 +206,18 @@ def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
     ``payload_bits`` (see :func:`payload_bits_fn`) makes the offline stage use the real encoded
     upload size instead of the values-only count of eq. (29).
     """
-    channel = Channel(channel_config(cfg, num_clients), seed=int(cfg["seed"]))
-    bound = bound_constants(cfg)
+    with run_config_errors(cfg, CHANNEL_KEYS):
+        channel = Channel(channel_config(cfg, num_clients), seed=int(cfg["seed"]))
+        _ = channel.noise_w  # an overflowing noise PSD fails here, named as a channel key
+    with run_config_errors(cfg, BOUND_KEYS):
+        bound = bound_constants(cfg)
+    with run_config_errors(cfg, (*TSFA_KEYS, *CHANNEL_KEYS)):
+        return _plan(cfg, num_clients, d_plus_k_total, payload_bits, channel, bound)
+
+
+def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
+          payload_bits: Callable[[int, float], float] | None, channel: Channel,
+          bound: BoundConstants) -> TSFAPlan:
     k = min(int(cfg["clients-per-round"]), num_clients)
     common = dict(
         V=float(cfg["lyapunov-v"]),

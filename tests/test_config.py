@@ -45,8 +45,9 @@ def test_bad_values_name_key_and_value(key, value):
 def test_unknown_key_and_unknown_preset():
     with pytest.raises(ConfigError, match="unknown run-config key"):
         validate({"learning-rate": 0.1})
-    with pytest.raises(ConfigError, match="preset"):
+    with pytest.raises(ConfigError, match="preset") as err:
         resolve({"preset": "nope"}, ROOT / "conf")
+    assert "'ci'" in str(err.value) and str(ROOT) not in str(err.value)  # names, no paths
 
 
 def test_message_config_round_trip():
