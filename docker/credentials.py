@@ -4,19 +4,26 @@ Writes, under ``--out`` (default ``docker/credentials``):
 
 * ``certs/ca.crt``, ``certs/ca.key``: a self-signed CA (RSA 3072). SuperNodes and the ``flwr`` CLI
   get ``ca.crt`` (``--root-certificates`` / ``root-certificates``);
-* ``certs/server.pem``, ``certs/server.key``: the SuperLink certificate signed by that CA, with
+* ``certs/server.pem``, ``certs/server.key``: the server certificate signed by that CA, with
   the subject alternative names of ``--san`` (every host name or IP address SuperNodes and the
-  CLI use to reach the SuperLink) for ``flower-superlink --ssl-certfile/--ssl-keyfile``;
+  CLI use to reach the SuperLink or its gateways) for ``flower-superlink --ssl-certfile/
+  --ssl-keyfile`` and for the nginx gateways in front of it (``docker/gateway/``);
 * ``keys/supernode-<i>``, ``keys/supernode-<i>.pub``: one ECDSA P-384 key pair per SuperNode in
   OpenSSH format, the format Flower 1.42 reads: the private key goes to
   ``flower-supernode --auth-supernode-private-key``, the public key to
   ``flwr supernode register``.
 
-Existing files are kept (so the command is idempotent and adding SuperNodes later only creates
-the new keys); ``--force`` regenerates the certificates. Only needs the ``cryptography`` package
-(a dependency of flwr):
+Private keys (``ca.key``, ``server.key``, ``supernode-<i>``) are created with mode 0600 from
+their first moment (``os.open(..., O_CREAT | O_EXCL, 0o600)`` on a temporary file, then an
+atomic rename), never written first and restricted after; public files get 0644.
 
-    python docker/credentials.py --supernodes 2 --san superlink,localhost,127.0.0.1,10.0.0.5
+Existing files are kept (so the command is idempotent and adding SuperNodes later only creates
+the new keys); ``--force`` regenerates the certificates. A kept server certificate that lacks one
+of the requested names is reported. Only needs the ``cryptography`` package (a dependency of
+flwr):
+
+    python docker/credentials.py --supernodes 2 \
+        --san superlink,gateway,gateway-admin,localhost,127.0.0.1,10.0.0.5
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,15 +41,40 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEFAULT_SANS = ("superlink", "localhost", "127.0.0.1", "::1")
+# "superlink": the SuperLink on the compose backend network (the gateways verify it by that name);
+# "gateway" / "gateway-admin": the Fleet and Control gateways SuperNodes and the CLI connect to
+DEFAULT_SANS = ("superlink", "gateway", "gateway-admin", "localhost", "127.0.0.1", "::1")
 DEFAULT_OUT = Path(__file__).resolve().parent / "credentials"
 VALID_DAYS = 365
 
 
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Write ``path`` atomically; a private key is never readable by anyone but its owner.
+
+    The bytes go to a new temporary file in the same folder, created by ``os.open`` with
+    ``O_CREAT | O_EXCL`` and mode 0600 (a private file exists with no other permission bits from
+    its first moment, whatever the umask), then ``os.replace`` puts it in place. A public file
+    gets 0644 with ``fchmod`` before its contents are written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    mode = PRIVATE_MODE if private else PUBLIC_MODE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 PRIVATE_MODE)
+    try:
+        with open(fd, "wb", closefd=True) as f:
+            os.fchmod(f.fileno(), mode)  # exact mode, independent of the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _key_pem(key) -> bytes:
@@ -120,6 +153,33 @@ def write_supernode_key(keys_dir: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def missing_sans(certs_dir: Path, sans: Iterable[str]) -> list[str]:
+    """The names of ``sans`` that the existing ``server.pem`` under ``certs_dir`` does not
+    carry (empty when it carries all of them or does not exist)."""
+    path = Path(certs_dir) / "server.pem"
+    if not path.exists():
+        return []
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        have: set[str] = set()
+    else:
+        have = set(ext.get_values_for_type(x509.DNSName))
+        have |= {str(ip) for ip in ext.get_values_for_type(x509.IPAddress)}
+    out = []
+    for name in (s.strip() for s in sans):
+        if not name:
+            continue
+        try:
+            name = str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
+        if name not in have:
+            out.append(name)
+    return out
+
+
 def generate(out: Path, supernodes: int, sans: Iterable[str] = DEFAULT_SANS,
              force: bool = False) -> list[Path]:
     """Create whatever is missing under ``out``; returns the files written."""
@@ -155,6 +215,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}")
     if not written:
         print(f"{args.out}: all credentials already present (use --force for new certificates)")
+    missing = missing_sans(args.out / "certs", sans)
+    if missing:
+        print(f"warning: {args.out / 'certs' / 'server.pem'} does not name {', '.join(missing)}: "
+              "clients that use those names will fail TLS verification; rerun with --force "
+              "(new CA: copy the new ca.crt to every SuperNode)", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

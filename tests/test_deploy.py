@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -61,6 +62,51 @@ def test_credentials_have_sans_and_flower_key_format(tmp_path):
     assert credentials.generate(tmp_path, 2) == []
     assert [p.name for p in credentials.generate(tmp_path, 3)] == ["supernode-2",
                                                                     "supernode-2.pub"]
+
+
+def test_private_keys_are_0600_from_creation(tmp_path, monkeypatch):
+    """Every file is created through os.open(O_CREAT | O_EXCL, 0o600) on a fresh temporary
+    name and renamed into place; a private key is never, not even for a moment, readable by
+    group or others, whatever the umask; final modes 0600 (keys) and 0644 (public files)."""
+    real_open = credentials.os.open
+    opened: list[tuple[str, int, int, int]] = []
+
+    def spy_open(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        # the permissions the file has at its first moment, before any byte is written
+        opened.append((str(path), flags, mode, os.fstat(fd).st_mode & 0o777))
+        return fd
+
+    monkeypatch.setattr(credentials.os, "open", spy_open)
+    old_umask = os.umask(0)  # the most permissive umask: the mode must not depend on it
+    try:
+        credentials.generate(tmp_path, 2)
+        credentials.generate(tmp_path, 2, force=True)  # rewriting existing keys: same path
+    finally:
+        os.umask(old_umask)
+    private = {"ca.key", "server.key", "supernode-0", "supernode-1"}
+    public = {"ca.crt", "server.pem", "supernode-0.pub", "supernode-1.pub"}
+    assert len(opened) == 8 + 4  # every file once, then the 4 certificate files again
+    for path, flags, mode, first_mode in opened:
+        name = Path(path).name
+        assert name.startswith(".") and name.endswith(".tmp"), path  # a fresh temporary name
+        assert flags & os.O_CREAT and flags & os.O_EXCL, path
+        assert mode == 0o600 and first_mode == 0o600, (path, oct(mode), oct(first_mode))
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert path.name in private | public, path  # no temporary file left behind
+            want = 0o600 if path.name in private else 0o644
+            assert path.stat().st_mode & 0o777 == want, (path, oct(path.stat().st_mode))
+    assert not hasattr(credentials, "chmod") and "os.chmod" not in (
+        DOCKER / "credentials.py").read_text()
+
+
+def test_missing_sans_are_reported(tmp_path):
+    credentials.generate(tmp_path, 0, ["superlink", "127.0.0.1"])
+    assert credentials.missing_sans(tmp_path / "certs", ["superlink", "127.0.0.1"]) == []
+    assert credentials.missing_sans(tmp_path / "certs", ["gateway", "superlink", "::1"]) == [
+        "gateway", "::1"]
+    assert "gateway" in credentials.DEFAULT_SANS and "gateway-admin" in credentials.DEFAULT_SANS
 
 
 # --- docker compose ----------------------------------------------------------------------------
