@@ -4,11 +4,21 @@
     bash scripts/deploy-local.sh                      # 2 SuperNodes, preset "ci", then stop
     bash scripts/deploy-local.sh --supernodes 3 --run-config 'num-server-rounds=5'
     bash scripts/deploy-local.sh --keep-running       # leave the federation up; --stop ends it
+    bash scripts/deploy-local.sh --gateway            # nginx in front, as on a real host
+
+The SuperLink always binds 127.0.0.1: it serves the Fleet, Control (no user authentication)
+and Runtime APIs on one port, so it must not be reachable from the SuperNodes' network. With
+``--gateway`` an nginx (``docker/gateway/*.conf.template``, rendered by ``render_gateway``) sits
+in front: SuperNodes connect to its Fleet listener (``--gateway-host``, ``--fleet-port``; only
+the Fleet routes are forwarded), the ``flwr`` CLI to its admin listener on 127.0.0.1 (only the
+Control API). Put ``--gateway-host 0.0.0.0`` (and ``--san <host name>``) to let SuperNodes on
+other machines in; nothing else of the SuperLink is exposed.
 
 Every step prints the command it runs. Everything lives in ``--workdir`` (default
 ``.flwr-home/deploy-local``): ``credentials/`` (CA, SuperLink certificate, SuperNode keys from
 ``docker/credentials.py``), ``cli/config.toml`` (the ``flwr`` CLI's FLWR_HOME with the
-``local-tls`` connection), one FLWR_HOME per process under ``homes/``, logs under ``logs/``.
+``local-tls`` connection), one FLWR_HOME per process under ``homes/``, logs under ``logs/``,
+the rendered nginx configuration under ``gateway/``.
 Ports are free ones picked at start. Processes run in their own sessions and are ended by PID
 (children included) when the run is over, on error and on Ctrl-C.
 """
@@ -20,13 +30,17 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +52,9 @@ from fedsoft.launch import flwr_env, free_port  # noqa: E402
 CONNECTION = "local-tls"
 DEFAULT_WORKDIR = ROOT / ".flwr-home" / "deploy-local"
 DEFAULT_RUN_CONFIG = 'preset="ci"'
+GATEWAY_DIR = ROOT / "docker" / "gateway"
+FLEET_TEMPLATE = GATEWAY_DIR / "fleet.conf.template"
+ADMIN_TEMPLATE = GATEWAY_DIR / "admin.conf.template"
 
 
 def load_credentials_module():
@@ -89,11 +106,115 @@ def kill_tree(pid: int, timeout: float = 10.0) -> None:
             time.sleep(0.2)
 
 
+# --- the nginx gateway ---------------------------------------------------------------------------
+def find_nginx() -> str | None:
+    """The ``nginx`` binary (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def render_template(text: str, values: Mapping[str, str]) -> str:
+    """``${NAME}`` -> ``values[NAME]``, as envsubst does in the nginx images; nginx's own
+    variables (``$request_uri``, ...) are left alone. Every ``FEDSOFT_*`` placeholder must be
+    given."""
+    out = string.Template(text).safe_substitute(values)
+    missing = sorted(set(re.findall(r"\$\{?(FEDSOFT_\w+)", out)))
+    if missing:
+        raise KeyError(f"no value for {', '.join(missing)}")
+    return out
+
+
+def _worker_user() -> tuple[str, str] | None:
+    """nginx's worker user when started as root (www-data on Debian, else nobody)."""
+    if os.geteuid() != 0:
+        return None
+    import grp
+    import pwd
+    for name in ("www-data", "nobody", "nginx"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name, grp.getgrgid(entry.pw_gid).gr_name
+    return None
+
+
+def render_gateway(out: Path, *, superlink: str, superlink_name: str, cert: Path, key: Path,
+                   ca: Path, fleet_listen: str, admin_listen: str | None) -> Path:
+    """A self-contained nginx configuration under ``out`` (pid, logs and temp files there too)
+    from the committed templates: the Fleet listener on ``fleet_listen`` and, if given, the
+    admin listener on ``admin_listen``; both forward to the SuperLink at ``superlink`` over TLS
+    verified against ``ca`` and the name ``superlink_name``. Returns ``out/nginx.conf``."""
+    out = Path(out).resolve()
+    (out / "conf.d").mkdir(parents=True, exist_ok=True)
+    values = {"FEDSOFT_SUPERLINK": superlink, "FEDSOFT_SUPERLINK_NAME": superlink_name,
+              "FEDSOFT_TLS_CERT": str(Path(cert).resolve()),
+              "FEDSOFT_TLS_KEY": str(Path(key).resolve()),
+              "FEDSOFT_TLS_CA": str(Path(ca).resolve()),
+              "FEDSOFT_FLEET_LISTEN": fleet_listen}
+    (out / "conf.d" / "fleet.conf").write_text(render_template(FLEET_TEMPLATE.read_text(),
+                                                               values))
+    admin_conf = out / "conf.d" / "admin.conf"
+    if admin_listen is not None:
+        admin_conf.write_text(render_template(ADMIN_TEMPLATE.read_text(),
+                                              {**values, "FEDSOFT_ADMIN_LISTEN": admin_listen}))
+    else:
+        admin_conf.unlink(missing_ok=True)
+    worker = _worker_user()
+    if worker is None:
+        temp = out / "temp"
+        temp.mkdir(exist_ok=True)
+        user = ""
+    else:
+        # started as root: the master reads the keys, the workers run as an unprivileged user
+        # and need temp folders they can reach (``out`` may sit below 0700 folders)
+        import pwd
+        temp = Path(tempfile.mkdtemp(prefix="fedsoft-nginx-"))
+        entry = pwd.getpwnam(worker[0])
+        os.chown(temp, entry.pw_uid, entry.pw_gid)
+        (out / "temp-dir").write_text(str(temp))
+        user = f"user {worker[0]} {worker[1]};\n"
+    conf = out / "nginx.conf"
+    conf.write_text(
+        "# generated by scripts/deploy/local.py from docker/gateway/*.conf.template\n"
+        f"{user}"
+        "worker_processes 1;\n"
+        f"pid {out}/nginx.pid;\n"
+        f"error_log {out}/error.log notice;\n"
+        "events { worker_connections 512; }\n"
+        "http {\n"
+        f"    access_log {out}/access.log;\n"
+        + "".join(f"    {name}_temp_path {temp}/{name};\n"
+                  for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"    include {out}/conf.d/*.conf;\n"
+        "}\n")
+    return conf
+
+
+def remove_gateway_temp(out: Path) -> None:
+    """The temp folder ``render_gateway`` made outside ``out`` (started as root)."""
+    marker = Path(out) / "temp-dir"
+    if marker.exists():
+        temp = Path(marker.read_text().strip())
+        if temp.name.startswith("fedsoft-nginx-"):
+            shutil.rmtree(temp, ignore_errors=True)
+        marker.unlink()
+
+
 class LocalDeployment:
-    """SuperLink + SuperNodes on 127.0.0.1 with TLS and SuperNode authentication."""
+    """SuperLink + SuperNodes on 127.0.0.1 with TLS and SuperNode authentication; with
+    ``gateway=True`` an nginx in front: SuperNodes through its Fleet listener, the CLI through
+    its admin listener (127.0.0.1)."""
 
     def __init__(self, workdir: Path | str, num_supernodes: int = 2, *,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, gateway: bool = False,
+                 gateway_host: str = "127.0.0.1", fleet_port: int | None = None,
+                 sans: Sequence[str] = ()) -> None:
         if num_supernodes < 1:
             raise ValueError("num_supernodes must be >= 1")
         self.workdir = Path(workdir).resolve()
@@ -102,8 +223,22 @@ class LocalDeployment:
         self.creds = self.workdir / "credentials"
         self.cli_home = self.workdir / "cli"
         self.logs = self.workdir / "logs"
+        self.gateway_dir = self.workdir / "gateway"
+        self.sans = ("localhost", "127.0.0.1", *sans)
+        # the SuperLink: loopback only, whatever else is configured
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.superlink_address = f"127.0.0.1:{self.port}"
+        self.gateway = gateway
+        if gateway:
+            self.fleet_port = fleet_port or free_port()
+            self.admin_port = free_port()
+            self.fleet_listen = f"{gateway_host}:{self.fleet_port}"
+            # SuperNodes on this host go through the Fleet listener like remote ones
+            local_host = "127.0.0.1" if gateway_host in ("0.0.0.0", "*") else gateway_host
+            self.fleet_address = f"{local_host}:{self.fleet_port}"
+            self.control_address = f"127.0.0.1:{self.admin_port}"
+        else:
+            self.fleet_address = self.control_address = self.superlink_address
         self.procs: dict[str, subprocess.Popen] = {}
 
     # --- paths -------------------------------------------------------------------------------
@@ -123,8 +258,13 @@ class LocalDeployment:
         """Credentials (CA, server certificate for localhost/127.0.0.1, one key per SuperNode
         plus ``extra_keys``) and the CLI's ``config.toml`` with the ``local-tls`` connection."""
         cred = load_credentials_module()
-        for path in cred.generate(self.creds, self.num_supernodes, ("localhost", "127.0.0.1")):
+        for path in cred.generate(self.creds, self.num_supernodes, self.sans):
             self.echo(f"[deploy] wrote {path}")
+        missing = cred.missing_sans(self.creds / "certs", self.sans)
+        if missing:
+            raise RuntimeError(f"{self.creds / 'certs' / 'server.pem'} does not name "
+                               f"{', '.join(missing)}: remove {self.creds} (or use another "
+                               "--workdir) to make new credentials")
         for name in extra_keys:
             if not self.key(name).exists():
                 cred.write_supernode_key(self.creds / "keys", name)
@@ -133,7 +273,7 @@ class LocalDeployment:
             "[superlink]\n"
             f'default = "{CONNECTION}"\n\n'
             f"[superlink.{CONNECTION}]\n"
-            f'address = "{self.address}"\n'
+            f'address = "{self.control_address}"\n'
             f'root-certificates = "{self.ca}"\n'
         )
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -173,8 +313,43 @@ class LocalDeployment:
                                                                          timeout=1.0):
                 return
             if time.time() > deadline:
-                raise TimeoutError(f"SuperLink not listening on {self.address} after {timeout} s")
+                raise TimeoutError(f"SuperLink not listening on {self.superlink_address} after "
+                                   f"{timeout} s")
             time.sleep(0.5)
+
+    def start_gateway(self, timeout: float = 30.0) -> None:
+        """nginx in front of the SuperLink (``render_gateway``): the Fleet listener for the
+        SuperNodes, the admin listener on 127.0.0.1 for the CLI."""
+        nginx = find_nginx()
+        if nginx is None:
+            raise RuntimeError("nginx not found: install it (Debian/Ubuntu: apt-get install "
+                               "nginx-light) or run without --gateway")
+        certs = self.creds / "certs"
+        conf = render_gateway(self.gateway_dir, superlink=self.superlink_address,
+                              superlink_name="localhost", cert=certs / "server.pem",
+                              key=certs / "server.key", ca=certs / "ca.crt",
+                              fleet_listen=self.fleet_listen,
+                              admin_listen=self.control_address)
+        base = [nginx, "-e", str(self.gateway_dir / "error.log"), "-p", str(self.gateway_dir),
+                "-c", str(conf)]
+        check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx rejected {conf}:\n{check.stderr}")
+        proc = self._spawn("gateway", [*base, "-g", "daemon off;"], self.gateway_dir)
+        ports = [self.fleet_port, self.admin_port]
+        deadline = time.time() + timeout
+        while ports:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx exited with {proc.returncode}:\n"
+                                   + self.log_tail("gateway")
+                                   + (self.gateway_dir / "error.log").read_text()[-3000:])
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", ports[0]),
+                                                                         timeout=1.0):
+                ports.pop(0)
+                continue
+            if time.time() > deadline:
+                raise TimeoutError(f"nginx not listening on port {ports[0]} after {timeout} s")
+            time.sleep(0.2)
 
     def flwr(self, *args: str, timeout: float = 120.0, capture: bool = True,
              echo: bool = True) -> subprocess.CompletedProcess:
@@ -202,7 +377,7 @@ class LocalDeployment:
         name = key or f"supernode-{index}"
         cmd = ["flower-supernode",
                "--root-certificates", str(self.ca),
-               "--superlink", self.address,
+               "--superlink", self.fleet_address,
                "--auth-supernode-private-key", str(self.key(name)),
                "--node-config", f"partition-id={index} num-partitions={self.num_supernodes}",
                "--port", str(free_port())]
@@ -241,6 +416,8 @@ class LocalDeployment:
         """Credentials, SuperLink, registration of every SuperNode key, SuperNodes, all online."""
         self.prepare()
         self.start_superlink()
+        if self.gateway:
+            self.start_gateway()
         for i in range(self.num_supernodes):
             self.register(f"supernode-{i}")
         for i in range(self.num_supernodes):
@@ -265,8 +442,9 @@ class LocalDeployment:
         return json.loads(text[text.index("{"):]).get("runs", [])
 
     def stop(self) -> None:
-        """End every process started here (SuperNodes first), by PID, children included."""
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+        """End every process started here (SuperNodes, then the gateway, then the SuperLink),
+        by PID, children included."""
+        for name in sorted(self.procs, key=_stop_order):
             proc = self.procs[name]
             kill_tree(proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -274,6 +452,7 @@ class LocalDeployment:
         if self.procs:
             self.echo(f"[deploy] stopped {', '.join(self.procs)}")
         self.procs.clear()
+        remove_gateway_temp(self.gateway_dir)
 
     def write_pids(self) -> Path:
         path = self.workdir / "pids.json"
@@ -287,13 +466,17 @@ class LocalDeployment:
         self.stop()
 
 
+def _stop_order(name: str) -> tuple[bool, bool]:
+    return name == "superlink", name == "gateway"
+
+
 def _is_ours(pid: int, workdir: Path) -> bool:
-    """A Flower process of this deployment (guards against a recycled PID)."""
+    """A Flower or nginx process of this deployment (guards against a recycled PID)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return True  # no /proc: trust pids.json
-    return "flower-super" in cmdline and str(workdir) in cmdline
+    return ("flower-super" in cmdline or "nginx" in cmdline) and str(workdir) in cmdline
 
 
 def stop_saved(workdir: Path) -> None:
@@ -303,11 +486,12 @@ def stop_saved(workdir: Path) -> None:
         print(f"[deploy] nothing to stop ({path} not found)")
         return
     pids = json.loads(path.read_text())
-    for name, pid in sorted(pids.items(), key=lambda item: item[0] == "superlink"):
+    for name, pid in sorted(pids.items(), key=lambda item: _stop_order(item[0])):
         if _alive(pid) and _is_ours(pid, workdir):
             kill_tree(pid)
             print(f"[deploy] stopped {name} (pid {pid})")
     path.unlink()
+    remove_gateway_temp(workdir / "gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,18 +508,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-run", action="store_true", help="only bring the federation up")
     parser.add_argument("--stop", action="store_true",
                         help="stop a federation left up by --keep-running and exit")
+    parser.add_argument("--gateway", action="store_true",
+                        help="nginx in front of the SuperLink (docker/gateway/): SuperNodes "
+                             "through its Fleet listener, the CLI through its admin listener")
+    parser.add_argument("--gateway-host", default="127.0.0.1",
+                        help="address of the Fleet listener (127.0.0.1; 0.0.0.0 lets SuperNodes "
+                             "on other machines in); the admin listener is always 127.0.0.1")
+    parser.add_argument("--fleet-port", type=int, default=None,
+                        help="port of the Fleet listener (default: a free one)")
+    parser.add_argument("--san", action="append", default=[],
+                        help="extra host name / IP for the server certificate (repeatable), "
+                             "e.g. the name remote SuperNodes use")
     args = parser.parse_args(argv)
+    if not args.gateway and (args.gateway_host != "127.0.0.1" or args.fleet_port):
+        parser.error("--gateway-host/--fleet-port need --gateway (the SuperLink itself only "
+                     "binds 127.0.0.1)")
     if args.stop:
         stop_saved(args.workdir.resolve())
         return 0
     if (args.workdir / "pids.json").exists():  # a previous --keep-running federation
         stop_saved(args.workdir.resolve())
 
-    dep = LocalDeployment(args.workdir, args.supernodes)
+    sans = [name for arg in args.san for name in arg.split(",") if name.strip()]
+    dep = LocalDeployment(args.workdir, args.supernodes, gateway=args.gateway,
+                          gateway_host=args.gateway_host, fleet_port=args.fleet_port, sans=sans)
     keep = args.keep_running or args.no_run
     rc = 1
     try:
         dep.up()
+        if dep.gateway:
+            print(f"[deploy] gateway: Fleet listener {dep.fleet_listen} (SuperNodes), "
+                  f"admin listener {dep.control_address} (flwr CLI); SuperLink on "
+                  f"{dep.superlink_address} only")
         if args.no_run:
             rc = 0
         else:
