@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fedsoft.config import resolve
 from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
 from fedsoft.train import evaluate
-from strategies.discovery import discover_partitions, wait_for_nodes
+from strategies.discovery import discover, wait_for_nodes
 from strategies.factory import make_strategy
 from strategies.records import to_numpy, to_record
 
@@ -26,8 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = ServerApp()
 
 
-def sketch_setup(cfg, work, num_clients: int, run_dir: Path):
-    """Paper B before round 1: system model, data shares a_n, the (q, k) plan; logged."""
+def sketch_setup(cfg, work, num_clients: int):
+    """Paper B before round 1: system model, data shares a_n, the (q, k) plan (printed; its
+    table goes to sampling_plan.json once the run directory is opened)."""
     shapes = lora.factor_shapes(work.model)
     head = sum(v.numel() for v in lora.get_head(work.model).values())
     system = sketch_plan.system_model(cfg, num_clients, int(cfg["lora-rank"]),
@@ -40,33 +40,49 @@ def sketch_setup(cfg, work, num_clients: int, run_dir: Path):
     )
     plan = sketch_plan.plan(cfg, system, sizes)
     table = sketch_plan.plan_table(plan, system, sizes)
-    (run_dir / "sampling_plan.json").write_text(json.dumps({
-        "sampling": cfg["sampling"], "objective": plan.objective,
-        "uniform_objective": plan.uniform_objective, "expected_round_s": plan.expected_round_s,
-        "clients": table}, indent=2))
+    summary = {"sampling": cfg["sampling"], "objective": plan.objective,
+               "uniform_objective": plan.uniform_objective,
+               "expected_round_s": plan.expected_round_s, "clients": table}
     print(f"[fedsoft] sketch plan ({cfg['sampling']}): E[participants] "
           f"{float(plan.q.sum()):.2f}, E[round] {plan.expected_round_s:.2f} s, objective "
           f"{plan.objective:.4g} (uniform {plan.uniform_objective:.4g}); q "
           f"{[round(float(x), 3) for x in plan.q]}, k {plan.k.tolist()}", flush=True)
-    return plan, system, np.asarray(sizes, dtype=np.float64)
+    return (plan, system, np.asarray(sizes, dtype=np.float64)), summary
+
+
+def server_data_sizes(cfg, num_partitions: int | None) -> dict[int, int]:
+    """Examples per partition as the clients' partitioner makes them (the server-known
+    weights of eq. (5)); empty when the nodes did not agree on a partition count."""
+    if not num_partitions:
+        return {}
+    train, _ = workload.splits(cfg)
+    sizes = data.partition_sizes(
+        train, str(cfg["partitioner"]), int(num_partitions), seed=int(cfg["seed"]),
+        dirichlet_alpha=float(cfg["dirichlet-alpha"]),
+        shards_per_client=int(cfg["shards-per-client"]),
+    )
+    return dict(enumerate(int(n) for n in sizes))
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` rounds with server-side evaluation after each."""
+    """Run ``num-server-rounds`` rounds with server-side evaluation after each.
+
+    Nothing in the run directory is written or replaced until the config is resolved, the
+    strategy is built and a resume is known to be compatible with its checkpoint."""
     cfg = resolve(context.run_config, APP_DIR / "conf")
     resume = checkpoint.load(str(cfg["resume-from"])) if cfg["resume-from"] else None
     if resume is not None and not cfg["run-dir"]:  # continue in the checkpoint's run directory
         cfg["run-dir"] = str(resume[2]["config"]["run-dir"])
     run_dir = Path(cfg["run-dir"] or default_run_dir(str(cfg["strategy"]))).resolve()
     cfg["run-dir"] = str(run_dir)  # clients keep their error memory under it (simulation)
-    run = RunLog(run_dir, cfg)
+    run = RunLog(run_dir, cfg)  # writes nothing before run.open()
     num_rounds = int(cfg["num-server-rounds"])
     print(f"[fedsoft] run dir: {run.dir}", flush=True)
 
     node_ids = wait_for_nodes(grid, int(cfg["min-available-nodes"]))
     work = workload.build_workload(cfg)
-    tsfa = None
+    tsfa, offline = None, None
     if cfg["strategy"] in ("tsfa", "osfa"):
         shapes = lora.factor_shapes(work.model)
         heads = [v.numel() for v in lora.get_head(work.model).values()]
@@ -74,29 +90,41 @@ def main(grid: Grid, context: Context) -> None:
         tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids),
                               d_plus_k_total=sum(s.d + s.k for s in shapes), payload_bits=payload)
         if tsfa.offline is not None:
-            table = tsfa_plan.offline_table(tsfa.offline)
-            (run.dir / "offline.json").write_text(json.dumps(table, indent=2))
-            print(tsfa_plan.format_table(table), flush=True)
+            offline = tsfa_plan.offline_table(tsfa.offline)
+            print(tsfa_plan.format_table(offline), flush=True)
         cfg = {**cfg, "lora-rank": tsfa.rank}
-        (run.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         work = workload.build_workload(cfg)
     test = workload.test_loader(cfg, work)
     device = pick_device(str(cfg["device"]))
-    sketch = cfg["strategy"] == "sketch"
-    node_to_partition = discover_partitions(grid, node_ids)  # stable client identities
-    sampling = None
-    if sketch:
-        sampling = sketch_setup(cfg, work, len(node_ids), run.dir)
-    strategy = make_strategy(cfg, tsfa=tsfa, sampling=sampling, node_to_client=node_to_partition)
+    found = discover(grid, node_ids)  # stable client identities and partition count
+    sizes = server_data_sizes(cfg, found.num_partitions)
+    sampling, sketch_summary = None, None
+    if cfg["strategy"] == "sketch":
+        sampling, sketch_summary = sketch_setup(cfg, work, len(node_ids))
+    strategy = make_strategy(cfg, tsfa=tsfa, sampling=sampling,
+                             node_to_client=found.node_to_partition, data_sizes=sizes)
     initial_arrays = lora.to_arrays(work.model)
     first_round = 1
     if resume is not None:
         done, saved_arrays, state = resume
         checkpoint.check_compatible(state["config"], cfg)
         lora.check_arrays(work.model, saved_arrays)
+        try:
+            strategy.load_state_dict(state["strategy"])
+        except Exception as exc:  # noqa: BLE001 - any malformed state is a checkpoint error
+            raise checkpoint.CheckpointError(
+                f"resume-from={cfg['resume-from']!r}: strategy state does not fit this run "
+                f"({type(exc).__name__}: {exc})") from exc
+    # validated and compatible: from here on the run directory is written
+    run.config = dict(cfg)
+    run.open(resume[2]["metrics"] if resume is not None else None)
+    if offline is not None:
+        run.write_json("offline.json", offline)
+    if sketch_summary is not None:
+        run.write_json("sampling_plan.json", sketch_summary)
+    if resume is not None:
+        done, saved_arrays, state = resume
         initial_arrays = saved_arrays
-        strategy.load_state_dict(state["strategy"])
-        run.restore(state["metrics"])
         first_round = done + 1
         print(f"[fedsoft] resumed from {cfg['resume-from']} after round {done}", flush=True)
     # a reused run-dir: rounds after the checkpoint (resume) or every round (fresh run) go
@@ -141,4 +169,7 @@ def main(grid: Grid, context: Context) -> None:
     # no aggregated round at all (every reply failed): the adapter is the initial one
     lora.from_arrays(work.model, to_numpy(result.arrays if len(result.arrays) else initial))
     work.model.save_pretrained(str(run.dir / "adapter"))
-    print(f"[fedsoft] done: metrics {run.metrics_path}, adapter {run.dir / 'adapter'}", flush=True)
+    rounds_done = sum(1 for r in run.rows if int(r.get("round", 0)) > 0)
+    skipped = sum(1 for r in run.rows if r.get("skipped"))
+    print(f"[fedsoft] done: {rounds_done}/{num_rounds} rounds ({skipped} skipped), metrics "
+          f"{run.metrics_path}, adapter {run.dir / 'adapter'}", flush=True)

@@ -7,5 +7,12 @@ cd "$root"
 bash scripts/setup.sh
 source scripts/env.sh
 bash scripts/stop-local-superlink.sh
-trap 'bash scripts/stop-local-superlink.sh' EXIT
-flwr run . --federation-config "num-supernodes=${NUM_SUPERNODES:-4}" --stream "$@"
+log="$(mktemp "${TMPDIR:-/tmp}/fedsoft-quickstart.XXXXXX")"
+trap 'bash scripts/stop-local-superlink.sh; rm -f "$log"' EXIT
+flwr run . --federation-config "num-supernodes=${NUM_SUPERNODES:-4}" --stream "$@" 2>&1 \
+  | tee "$log"
+# flwr run exits 0 even when the ServerApp fails: the run's own last line says it finished
+if ! grep -Eq '\[fedsoft\] done: ([0-9]+)/\1 rounds' "$log"; then
+  echo "[fedsoft] the run did not finish all its rounds (see its output above)" >&2
+  exit 1
+fi

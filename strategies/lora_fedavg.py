@@ -238,11 +238,15 @@ class LoRAFedAvg(FedAvg):
         check_like(self.global_arrays, arrays, what=f"reply of node {node_id}")
         return arrays
 
-    def update_norm(self, decoded: dict[str, np.ndarray]) -> float:
-        """||x_i - x_global||_2 over every array (float64), what ``update-norm-bound`` bounds."""
+    def distance(self, arrays: dict[str, np.ndarray]) -> float:
+        """||arrays - x_global||_2 over every array, in float64."""
         return float(np.sqrt(sum(
             np.sum((np.asarray(v, np.float64) - np.asarray(self.global_arrays[k], np.float64)) ** 2)
-            for k, v in decoded.items())))
+            for k, v in arrays.items())))
+
+    def update_norm(self, decoded: dict[str, np.ndarray]) -> float:
+        """||x_i - x_global||_2 of a decoded reply, the quantity ``update-norm-bound`` bounds."""
+        return self.distance(decoded)
 
     def aggregate_norm_limit(self, accepted: list[AcceptedReply]) -> float:
         """Largest ||aggregate - global|| the accepted replies can produce: a convex
@@ -392,7 +396,7 @@ class LoRAFedAvg(FedAvg):
             if not np.all(np.isfinite(value)):
                 return f"aggregate {key!r} holds NaN or Inf"
         if self.update_norm_bound > 0:
-            moved = self.update_norm(new)
+            moved = self.distance(new)
             limit = self.aggregate_norm_limit(accepted)
             if moved > limit * (1 + 1e-3) + 1e-6:
                 return f"aggregate moved {moved:.4g}, more than the bound {limit:.4g}"

@@ -44,3 +44,18 @@ def test_flwr_run_learns_and_saves_adapter(tmp_path):
     loss, acc, _ = evaluate(reloaded, workload.test_loader(cfg, work), torch.device("cpu"))
     assert acc == pytest.approx(rows[-1]["accuracy"], abs=1e-9)
     assert loss == pytest.approx(rows[-1]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_quickstart_exits_non_zero_when_the_server_app_fails(tmp_path):
+    """flwr run exits 0 even when the ServerApp raises; the README's main command must not."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "NUM_SUPERNODES": "2"}
+    proc = subprocess.run(
+        ["bash", "scripts/quickstart.sh", "--run-config",
+         f'preset="ci" resume-from="{tmp_path / "no-such-checkpoint"}"'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "did not finish all its rounds" in proc.stderr

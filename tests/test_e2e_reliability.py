@@ -35,6 +35,13 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
     assert [r["round"] for r in ref] == [0, 1, 2, 3, 4] and len(first) == 3
     for a, b in zip(first, ref[:3], strict=True):  # same seed, separate processes: same metrics
         _same(a, b)
+    # a resume that changes the model's config is refused and leaves the run as it was
+    kept = {f: (part / f).read_bytes() for f in ("metrics.jsonl", "config.json")}
+    proc = flwr_run(tmp_path / "home-refused",
+                    f'{BASE} num-server-rounds=4 checkpoint-every=2 lr=0.05 '
+                    f'resume-from="{part / "checkpoints"}"', num_supernodes=3)
+    assert "run config differs from the checkpoint" in proc.stdout + proc.stderr
+    assert {f: (part / f).read_bytes() for f in kept} == kept
     # ... then resumed: server state from the checkpoint, error memory from the clients' files
     proc = _run(tmp_path, "resume",
                 f'num-server-rounds=4 checkpoint-every=2 client-state-dir="{tmp_path / "cs-part"}" '

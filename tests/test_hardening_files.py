@@ -504,3 +504,42 @@ def test_sketch_set_up_errors_name_the_key():
     cfg = {**resolve({"strategy": "sketch"}), "compute-s-per-step": -1.0}  # past the schema
     with pytest.raises(ConfigError, match="'compute-s-per-step' = -1.0"):
         sketch_plan.system_model(cfg, 4, 8, 64, 12)
+
+
+# ---------------------------------------------------------------- run log: nothing is lost
+def test_runlog_writes_nothing_before_open_and_keeps_what_it_replaces(tmp_path):
+    from fedsoft.runlog import RunLog, read_metrics
+
+    run_dir = tmp_path / "run"
+    first = RunLog(run_dir, {"lr": 0.1})
+    assert not run_dir.exists()  # constructing (e.g. a refused resume) writes nothing
+    first.open()
+    first.append({"round": 0, "accuracy": 0.1})
+    first.append({"round": 1, "accuracy": 0.2})
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    # a later run in the same directory, refused before open(): everything stays as it was
+    RunLog(run_dir, {"lr": 0.5})
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    assert json.loads((run_dir / "config.json").read_text()) == {"lr": 0.1}
+    # a resume from round 0's checkpoint keeps the longer old file beside the new one
+    resumed = RunLog(run_dir, {"lr": 0.1})
+    resumed.open(read_metrics(run_dir / "metrics.jsonl")[:1])
+    assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0]
+    (backup,) = run_dir.glob("metrics.jsonl.*.bak")
+    assert backup.read_bytes() == before
+    assert not list(run_dir.glob("config.json.*.bak"))  # same config: not rewritten
+
+
+def test_runlog_append_fsyncs_each_row(tmp_path, monkeypatch):
+    from fedsoft.runlog import RunLog
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    log = RunLog(tmp_path / "r", {})
+    log.open()
+    n = len(calls)
+    log.append({"round": 0})
+    assert len(calls) > n
+    with pytest.raises(RuntimeError, match="before open"):
+        RunLog(tmp_path / "other", {}).append({"round": 0})
