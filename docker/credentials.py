@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated host names / IPs the SuperLink is reached at "
                              f"(repeatable; default: {','.join(DEFAULT_SANS)})")
     parser.add_argument("--force", action="store_true", help="regenerate the certificates")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 3 if a kept server certificate lacks a --san name")
     args = parser.parse_args(argv)
     if args.supernodes < 0:
         parser.error("--supernodes must be >= 0")
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {args.out / 'certs' / 'server.pem'} does not name {', '.join(missing)}: "
               "clients that use those names will fail TLS verification; rerun with --force "
               "(new CA: copy the new ca.crt to every SuperNode)", file=sys.stderr, flush=True)
+        if args.strict:
+            sys.exit(3)
 
 
 if __name__ == "__main__":

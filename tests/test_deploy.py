@@ -149,6 +149,18 @@ def _load_compose(*names):
     return _interpolate(yaml.load((DOCKER / names[0]).read_text(), Loader=_ComposeLoader))
 
 
+def _mounts(service: dict) -> dict[str, str]:
+    """container path -> host path of the bind mounts (``host:container[:ro]``)."""
+    out = {}
+    for vol in service.get("volumes", []):
+        host, container = vol.split(":")[:2]
+        out[container] = host
+    return out
+
+
+PRIVATE_FILES = re.compile(r"(^|/)(ca\.key|server\.key|supernode-\d+)$")
+
+
 def test_compose_file_services_tls_auth_gpus_volumes():
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
@@ -162,13 +174,13 @@ def test_compose_file_services_tls_auth_gpus_volumes():
     assert args.runtime_dependency_install is False
     assert (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile) == (
         "/certs/ca.crt", "/certs/server.pem", "/certs/server.key")
-    assert (args.host, args.port) == ("0.0.0.0", 8000)
+    assert (args.host, args.port) == ("0.0.0.0", 8000)  # of its container, on `backend` only
     assert args.database.startswith("/state/")
-    assert link["ports"] == ["8000:8000"]
     assert link["build"]["target"] == "superlink"
-    assert "./credentials/certs:/certs:ro" in link["volumes"]
-    assert any(v.startswith("superlink-state:/state") for v in link["volumes"])
-    assert "../runs:/workspace/runs" in link["volumes"]
+    assert _mounts(link) == {"/certs/ca.crt": "./credentials/certs/ca.crt",
+                             "/certs/server.pem": "./credentials/certs/server.pem",
+                             "/certs/server.key": "./credentials/certs/server.key",
+                             "/state": "superlink-state", "/workspace/runs": "../runs"}
     assert link["healthcheck"]["test"]
 
     nodes = _supernodes(services)
@@ -181,7 +193,7 @@ def test_compose_file_services_tls_auth_gpus_volumes():
         args = parser.parse_args(node["command"])
         assert not args.insecure
         assert args.root_certificates == "/certs/ca.crt"
-        assert args.superlink == "superlink:8000"
+        assert args.superlink == "gateway:8000"  # the public listener, not the SuperLink
         assert args.auth_supernode_private_key == f"/keys/supernode-{i}"
         assert args.node_config == f"partition-id={i} num-partitions={num}"
         assert node["build"]["target"] == "supernode"
@@ -189,20 +201,23 @@ def test_compose_file_services_tls_auth_gpus_volumes():
         devices = node["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
         assert devices[0]["device_ids"] == ["0"]  # GPU 0 of its machine unless set
-        vols = node["volumes"]
-        assert "./credentials/certs:/certs:ro" in vols
-        assert f"./credentials/keys/supernode-{i}:/keys/supernode-{i}:ro" in vols
-        assert f"{name}-data:/data" in vols  # per-node data volume
+        # its own private key and the CA certificate, nothing else of credentials/
+        assert _mounts(node) == {"/certs/ca.crt": "./credentials/certs/ca.crt",
+                                 f"/keys/supernode-{i}": f"./credentials/keys/supernode-{i}",
+                                 "/data": f"{name}-data"}
         assert f"{name}-data" in compose["volumes"]
-        assert node["depends_on"]["superlink"]["condition"] == "service_healthy"
+        assert node["depends_on"] == {"gateway": {"condition": "service_started"}}
         assert node["restart"] == "on-failure"
     cli = services["cli"]
     assert cli["profiles"] == ["cli"] and cli["entrypoint"] == ["flwr"]
     assert cli["environment"]["FLWR_HOME"] == "/flwr-cli"
-    assert "./flwr-cli:/flwr-cli" in cli["volumes"]
+    # the CLI: the CA certificate and the SuperNodes' public keys (register), no private key
+    assert _mounts(cli) == {"/certs/ca.crt": "./credentials/certs/ca.crt",
+                            "/flwr-cli": "./flwr-cli",
+                            **{f"/keys/{n}.pub": f"./credentials/keys/{n}.pub" for n in nodes}}
     cli_conf = tomllib.loads((DOCKER / "flwr-cli" / "config.toml").read_text())
     assert cli_conf["superlink"]["default"] == "docker"
-    assert cli_conf["superlink"]["docker"] == {"address": "superlink:8000",
+    assert cli_conf["superlink"]["docker"] == {"address": "gateway-admin:9093",
                                                "root-certificates": "/certs/ca.crt"}
 
     cpu = _load_compose("compose.cpu.yaml")
@@ -218,6 +233,107 @@ def test_compose_file_services_tls_auth_gpus_volumes():
     for src in re.findall(r"^COPY (?!--)(.+) \S+$", dockerfile, flags=re.M):
         for path in src.split():
             assert (ROOT / path).exists(), path
+
+
+def test_compose_exposure_gateways_networks_users():
+    """Only the gateways publish ports (the Fleet listener on all interfaces, the admin listener
+    on the host's 127.0.0.1); the SuperLink shares no network with SuperNodes or the CLI;
+    private keys are mounted only where they are used; nobody runs as root."""
+    compose = _load_compose("compose.yaml")
+    services = compose["services"]
+    nodes = _supernodes(services)
+    link, gateway, admin, cli = (services[n] for n in ("superlink", "gateway", "gateway-admin",
+                                                       "cli"))
+    # ports: the SuperLink publishes nothing; the public listener is the Fleet port
+    assert "ports" not in link and "expose" not in link
+    assert gateway["ports"] == ["8000:8000"]
+    assert admin["ports"] == ["127.0.0.1:9093:9093"]
+    assert {n for n, s in services.items() if s.get("ports")} == {"gateway", "gateway-admin"}
+    # networks
+    assert link["networks"] == ["backend"]
+    assert set(gateway["networks"]) == {"fleet", "backend"}
+    assert set(admin["networks"]) == {"admin", "backend"}
+    assert cli["networks"] == ["admin"]
+    for node in nodes.values():
+        assert node["networks"] == ["fleet"]
+    on = {net: {n for n, s in services.items() if net in s.get("networks", [])}
+          for net in compose["networks"]}
+    assert on == {"fleet": {"gateway", *nodes}, "admin": {"gateway-admin", "cli"},
+                  "backend": {"superlink", "gateway", "gateway-admin"}}
+    # gateways: official unprivileged nginx, the committed templates, TLS material only
+    for svc, template, listen_key, listen in ((gateway, "fleet", "FEDSOFT_FLEET_LISTEN", "8000"),
+                                              (admin, "admin", "FEDSOFT_ADMIN_LISTEN", "9093")):
+        assert svc["image"].startswith("nginxinc/nginx-unprivileged:")
+        assert _mounts(svc) == {
+            "/etc/nginx/templates/default.conf.template": f"./gateway/{template}.conf.template",
+            "/certs/ca.crt": "./credentials/certs/ca.crt",
+            "/certs/server.pem": "./credentials/certs/server.pem",
+            "/certs/server.key": "./credentials/certs/server.key"}
+        env = svc["environment"]
+        assert env[listen_key] == listen and env["NGINX_ENVSUBST_FILTER"] == "^FEDSOFT_"
+        assert (env["FEDSOFT_SUPERLINK"], env["FEDSOFT_SUPERLINK_NAME"]) == ("superlink:8000",
+                                                                            "superlink")
+        assert env["FEDSOFT_TLS_CA"] == "/certs/ca.crt"
+        # every placeholder of the template is set (envsubst would leave it in, nginx fail)
+        text = (DOCKER / "gateway" / f"{template}.conf.template").read_text()
+        used = set(re.findall(r"\$\{(FEDSOFT_\w+)\}", text))
+        assert used and used <= set(env), used - set(env)
+        rendered = local.render_template(text, {k: str(v) for k, v in env.items()})
+        assert f"listen {listen} ssl;" in rendered
+        assert "server superlink:8000;" in rendered and "proxy_ssl_verify on;" in rendered
+        assert svc["depends_on"]["superlink"]["condition"] == "service_healthy"
+    # private keys: server.key only in the SuperLink and the gateways, ca.key nowhere,
+    # supernode-<i> only in supernode-<i>
+    for name, svc in services.items():
+        private = {c: h for c, h in _mounts(svc).items() if PRIVATE_FILES.search(h)}
+        assert not any(h.endswith("/credentials") or h.endswith("/certs") or h.endswith("/keys")
+                       for h in _mounts(svc).values()), name  # per file, never a folder
+        if name in ("superlink", "gateway", "gateway-admin"):
+            assert private == {"/certs/server.key": "./credentials/certs/server.key"}, name
+        elif name in nodes:
+            assert private == {f"/keys/{name}": f"./credentials/keys/{name}"}, name
+        else:
+            assert private == {}, name
+    # non-root everywhere: an explicit user on every service, USER in every image target
+    for name, svc in services.items():
+        user = str(svc.get("user", ""))
+        assert user and not user.startswith(("0:", "root")) and user != "0", (name, user)
+        assert svc["security_opt"] == ["no-new-privileges:true"] and svc["cap_drop"] == ["ALL"]
+    assert link["user"] == "10001:10001" and link["build"]["args"] == {"APP_UID": "10001",
+                                                                       "APP_GID": "10001"}
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
+    assert len(stages) == 3
+    for stage in stages:
+        users = re.findall(r"^USER (\S+)", stage, flags=re.M)
+        assert users == ["${APP_UID}:${APP_GID}"], stage.splitlines()[0]
+    # the CPU override keeps all of that (it only swaps images and GPU reservations)
+    cpu = _load_compose("compose.cpu.yaml")
+    for node in _supernodes(cpu["services"]).values():
+        assert set(node) <= {"build", "image", "deploy"}
+
+
+def test_gateway_templates_forward_only_what_each_side_needs():
+    """Static view of docker/gateway/*.conf.template (tests/test_gateway.py runs them)."""
+    from flwr.supernode import fleet_http_client
+
+    fleet = (DOCKER / "gateway" / "fleet.conf.template").read_text()
+    admin = (DOCKER / "gateway" / "admin.conf.template").read_text()
+    called = set(re.findall(r'path="/v1/fleet/([a-z-]+)"',
+                            Path(fleet_http_client.__file__).read_text()))
+    allowed = re.search(r'"~\^/v1/fleet/\(([a-z|-]+)\)\$"', fleet)[1].split("|")
+    assert sorted(allowed) == sorted(called) and len(called) == 12
+    for text in (fleet, admin):
+        assert "proxy_ssl_verify on;" in text and "proxy_ssl_trusted_certificate" in text
+        assert re.findall(r"proxy_pass (\S+);", text)  # no URI part: the raw URI is forwarded
+        assert all(target.startswith("https://") and "/" not in target[len("https://"):]
+                   for target in re.findall(r"proxy_pass (\S+);", text))
+        assert "location / {\n        return 404;" in text
+    fleet_conf = fleet[fleet.index("\nmap "):]  # the configuration below the comments
+    admin_conf = admin[admin.index("\nmap "):]
+    assert "/v1/control" not in fleet_conf and "/v1/runtime" not in fleet_conf
+    assert '"~^/v1/control/[a-z][a-z-]*$" 1;' in admin_conf
+    assert "/v1/fleet" not in admin_conf and "/v1/runtime" not in admin_conf
 
 
 def test_compose_interpolation_remote_supernode():
