@@ -14,6 +14,7 @@ import numpy as np
 from flwr.common import log
 
 from fedsoft.durable import fsync_dir, fsync_file
+from fedsoft.error_feedback import SIGNATURE_KEY
 
 __all__ = ["load_ef", "save_ef", "simulated_failure"]
 
@@ -100,7 +101,13 @@ def _read(path: Path, server_round: int) -> dict[str, np.ndarray]:
         raise _CorruptMemory(f"no valid {_ROUND_KEY} entry")
     if int(saved) != server_round:
         raise _CorruptMemory(f"{_ROUND_KEY} = {int(saved)} but the name says round {server_round}")
+    signature = arrays.get(SIGNATURE_KEY)
+    if signature is not None and (signature.dtype != np.uint8 or signature.ndim != 1):
+        raise _CorruptMemory(f"'{SIGNATURE_KEY}' has dtype {signature.dtype} and ndim "
+                             f"{signature.ndim}, need 1-D uint8")
     for k, a in arrays.items():
+        if k == SIGNATURE_KEY:
+            continue
         if a.dtype.kind != "f":
             raise _CorruptMemory(f"'{k}' has dtype {a.dtype}, need floats")
         if not np.all(np.isfinite(a)):

@@ -543,3 +543,21 @@ def test_runlog_append_fsyncs_each_row(tmp_path, monkeypatch):
     assert len(calls) > n
     with pytest.raises(RuntimeError, match="before open"):
         RunLog(tmp_path / "other", {}).append({"round": 0})
+
+
+def test_a_real_error_memory_with_its_signature_round_trips(tmp_path):
+    """What clients actually save: ErrorFeedback.to_arrays(), uint8 signature included."""
+    import torch
+
+    from fedsoft.error_feedback import ErrorFeedback
+
+    ef = ErrorFeedback(signature="minilm|r=8|soft|update")
+    from fedsoft.sparsifiers.base import SparseRows
+
+    ef.step("l0", torch.ones(2, 6),
+            lambda u: SparseRows(u * 0, torch.zeros_like(u, dtype=torch.bool)))
+    save_ef(tmp_path, 1, 2, ef.to_arrays(), keep_every=2)
+    memory, t = load_ef(tmp_path, 1, 3)
+    assert t == 2 and not list(tmp_path.glob("*.corrupt"))
+    back = ErrorFeedback.from_arrays(memory, "minilm|r=8|soft|update")
+    assert back.reset_reason is None and torch.equal(back.memory["l0"], ef.memory["l0"])
