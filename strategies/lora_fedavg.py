@@ -305,11 +305,16 @@ class LoRAFedAvg(FedAvg):
     def _bound_norms(self, server_round: int, accepted: list[AcceptedReply],
                      dropped: list[str]) -> list[AcceptedReply]:
         """Drop replies whose update norm exceeds ``update-norm-bound`` x the reference: the
-        lower median of this round's norms and the accepted norms of the last rounds."""
+        lower median of this round's norms, pooled with the accepted norms of the last
+        ``NORM_ROUNDS`` rounds when the round has fewer than 3 replies (one or two replies
+        cannot outvote each other; with 3 or more the round alone decides, so a change of
+        regime, e.g. TSFA moving rho, does not count against honest clients)."""
         if self.update_norm_bound <= 0 or not accepted:
             return accepted
-        pool = sorted([a.norm for a in accepted]
-                      + [n for r in self._norm_history for n in r])
+        pool = [a.norm for a in accepted]
+        if len(pool) < 3:
+            pool += [n for r in self._norm_history for n in r]
+        pool.sort()
         ref = pool[(len(pool) - 1) // 2]
         if ref <= 0:
             return accepted

@@ -156,8 +156,10 @@ def test_reported_count_is_checked_against_the_server_known_share():
 def test_update_norm_bound_keeps_honest_spread_and_uses_the_running_reference():
     s = _strategy("dense", update_norm_bound=10.0)
     glob = _arrays(0)
-    for rnd, scales in ((1, [1.0, 3.0, 0.3]), (2, [1.0, 60.0, 1.0]), (3, [1.0, 9.0, 1.0])):
-        msgs = list(s.configure_train(rnd, to_record(glob), ConfigRecord({}), FakeGrid(NODES)))
+    for rnd, scales in ((1, [1.0, 3.0, 0.3]), (2, [1.0, 60.0, 1.0]), (3, [1.0, 9.0, 1.0]),
+                        (4, [60.0])):
+        msgs = list(s.configure_train(rnd, to_record(glob), ConfigRecord({}),
+                                      FakeGrid(NODES)))[:len(scales)]
         replies = []
         for m, scale in zip(msgs, scales, strict=True):
             nid = m.metadata.dst_node_id
@@ -170,6 +172,8 @@ def test_update_norm_bound_keeps_honest_spread_and_uses_the_running_reference():
     assert s.round_stats[2]["num_clients"] == 2
     assert "update-norm-bound" in s.round_stats[2]["dropped_reasons"][0]
     assert s.round_stats[3]["num_clients"] == 3
+    # a lone reply is judged against the last rounds' accepted norms
+    assert s.round_stats[4]["num_clients"] == 0 and s.round_stats[4]["dropped"] == 1
     off = _strategy("dense", update_norm_bound=0.0)
     assert off._bound_norms(1, [type("R", (), {"norm": n})() for n in (1, 1e9)], []) != []
 
