@@ -69,7 +69,7 @@ def pilot_rank(cfg: Mapping[str, Any]) -> int:
 def pilot_config(cfg: Mapping[str, Any], run_dir: Path | str) -> dict[str, Any]:
     """The run config the pilot's clients train with: dense FedAvg (``strategy = fedavg``,
     ``sparsifier = dense``) at :func:`pilot_rank`, ``bound-pilot-rounds`` rounds of
-    ``bound-pilot-local-steps`` steps, no orthogonality loss change, no checkpoints, its own
+    ``bound-pilot-local-steps`` steps, the run's zeta, no checkpoints, its own
     run-dir ``<run-dir>/pilot``. Everything else (model, data, partition, seed, K, lr) is the
     real run's."""
     out = dict(cfg)
