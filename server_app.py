@@ -15,6 +15,7 @@ from fedsoft.config import resolve
 from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
 from fedsoft.train import evaluate
+from strategies import pilot
 from strategies.discovery import discover, wait_for_nodes
 from strategies.factory import make_strategy
 from strategies.records import to_numpy, to_record
@@ -87,6 +88,9 @@ def main(grid: Grid, context: Context) -> None:
         shapes = lora.factor_shapes(work.model)
         heads = [v.numel() for v in lora.get_head(work.model).values()]
         payload = tsfa_plan.payload_bits_fn(cfg, [(s.name, s.d, s.k) for s in shapes], heads)
+        pilot.ensure_calibration(  # bound-calibration = "auto": pilot run -> calibration.json
+            grid, cfg, node_ids, d_plus_k_total=sum(s.d + s.k for s in shapes),
+            payload_bits=payload, resume_config=resume[2]["config"] if resume else None)
         tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids),
                               d_plus_k_total=sum(s.d + s.k for s in shapes), payload_bits=payload)
         if tsfa.offline is not None:

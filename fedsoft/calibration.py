@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from fedsoft import lora
+from fedsoft.durable import atomic_write_text
 from fedsoft.offline import Calibration, calibrate
 from fedsoft.spectrum import soft_scores
 
@@ -108,16 +109,22 @@ def calibrate_run(
     return calibrate(read_scores(run_dir), aggregate=aggregate)
 
 
-def write_calibration(path: Path | str, cal: Calibration, source: str = "") -> Path:
-    """Write ``calibration.json`` (sigma_bar list, sigma_max, rounds, pilot rank, source)."""
+def write_calibration(path: Path | str, cal: Calibration, source: str = "",
+                      pilot: Mapping[str, Any] | None = None) -> Path:
+    """Write ``calibration.json`` (sigma_bar list, sigma_max, rounds, pilot rank, source and,
+    from ``bound-calibration = "auto"``, the pilot's identity, see :func:`fedsoft.pilot.identity`)
+    atomically."""
     path = Path(path)
-    path.write_text(json.dumps({
+    body: dict[str, Any] = {
         "sigma_bar": [float(v) for v in cal.sigma_bar],
         "sigma_max": float(cal.sigma_max),
         "num_rounds": int(cal.num_rounds),
         "pilot_rank": int(cal.pilot_rank),
         "source": source,
-    }, indent=2))
+    }
+    if pilot is not None:
+        body["pilot"] = dict(pilot)
+    atomic_write_text(path, json.dumps(body, indent=2))
     return path
 
 

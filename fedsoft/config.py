@@ -97,7 +97,11 @@ _SCHEMA: dict[str, Key] = {
     "bound-sigma-bar": Key(1.0, _non_negative, ">= 0"),
     "bound-sigma-max": Key(1.0, _non_negative, ">= 0"),
     "bound-p": Key(1, lambda v: v in (1, 2), "1 or 2"),
-    "bound-calibration": Key("", None, "path to a calibration.json or empty"),
+    "bound-calibration": Key("", None, "'auto', a path to a calibration.json, or empty"),
+    "bound-pilot-rounds": Key(3, _positive, ">= 1 rounds (bound-calibration = 'auto')"),
+    "bound-pilot-local-steps": Key(5, _positive,
+                                   ">= 1 local steps per pilot round (bound-calibration = "
+                                   "'auto')"),
     "sampling": Key("optimized", *_choice("optimized", "uniform", "full")),
     "sampling-q": Key(0.5, lambda v: 0 < v <= 1, "0 < sampling-q <= 1"),
     "sampling-q-min": Key(0.05, lambda v: 0 < v <= 1, "0 < sampling-q-min <= 1"),

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from fedsoft.codec import LayerSpec
 from fedsoft.config import DEFAULTS, ConfigError, parse_int_list
 from fedsoft.offline import OfflineResult, choose_rank_for_channel
 from fedsoft.online import OSFAController, TSFAController
+from fedsoft.pilot import AUTO, calibration_file
 from fedsoft.sparse_update import estimate_payload_bytes
 
 CHANNEL_KEYS = ("channel-distance-min", "channel-distance-max", "path-loss-exponent",
@@ -153,12 +155,21 @@ def channel_config(cfg: Mapping[str, Any], num_clients: int) -> ChannelConfig:
 def bound_constants(cfg: Mapping[str, Any]) -> BoundConstants:
     """Surrogate Phi constants (A.8) from run-config keys (PROPOSED-L, all configurable).
 
-    With ``bound-calibration`` set, sigma_bar_r (per rank) and sigma_max come from that
-    ``calibration.json`` (see :mod:`fedsoft.calibration`) instead of ``bound-sigma-bar/max``.
+    With ``bound-calibration`` set, sigma_bar_r (per rank, eq. 19) and sigma_max (Assumption
+    6) come from that ``calibration.json`` (see :mod:`fedsoft.calibration`) instead of
+    ``bound-sigma-bar/max``; with ``"auto"`` from ``<run-dir>/calibration.json``, which the
+    pilot of :func:`strategies.pilot.ensure_calibration` writes (TSFA only: OSFA fixes the rank
+    and P3, eq. 39, does not depend on sigma, so ``"auto"`` leaves it on the two keys).
     """
     sigma_bar: float | np.ndarray = float(cfg["bound-sigma-bar"])
     sigma_max = float(cfg["bound-sigma-max"])
     path = str(cfg.get("bound-calibration", ""))
+    if path == AUTO:
+        path = str(calibration_file(cfg)) if cfg["strategy"] == "tsfa" else ""
+        if path and not Path(path).is_file():
+            raise ConfigError(
+                f"run-config key 'bound-calibration' = 'auto': {path} not found; the ServerApp "
+                "writes it with a pilot run before the offline stage (strategies.pilot)")
     if path:
         sigma_bar, sigma_max = load_calibration(path)
         ranks = (parse_int_list(str(cfg["tsfa-ranks"]), "tsfa-ranks")

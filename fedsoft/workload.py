@@ -68,6 +68,12 @@ def build_workload(cfg: Mapping[str, Any]) -> Workload:
     return work
 
 
+def clear_cache() -> None:
+    """Forget the cached model, so the next :func:`build_workload` builds a fresh one from the
+    seed (e.g. after the calibration pilot trained the cached instance)."""
+    _CACHE.clear()
+
+
 def splits(cfg: Mapping[str, Any]):
     """Train and held-out test splits (capped as configured)."""
     return data.load_splits(
