@@ -40,7 +40,8 @@ from fedsoft.sketch_calibration import load_sketch_calibration  # noqa: E402
 from fedsoft.sketch_opt import SketchObjective, optimize_sampling, uniform_plan  # noqa: E402
 from fedsoft.wallclock import SystemModel  # noqa: E402
 
-DEFAULT_CAL = ROOT / "docs/data/figB-plan/sketch_calibration_figB_cpu.json"
+DEFAULT_CALS = [ROOT / "docs/data/figB-plan/sketch_calibration_figB_cpu.json",
+                ROOT / "docs/data/figB-plan/sketch_calibration_ci_auto.json"]
 
 
 class ShadowedUMa(Channel):
@@ -94,7 +95,8 @@ def plans(system: SystemModel, a: np.ndarray, obj: SketchObjective, q: float, k0
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calibration", type=Path, default=DEFAULT_CAL)
+    ap.add_argument("--calibration", type=Path, nargs="+", default=DEFAULT_CALS,
+                    help="sketch_calibration.json files (constants named by file stem)")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--q", type=float, default=0.5)
     ap.add_argument("--draws", type=int, default=256)
@@ -112,8 +114,13 @@ def main() -> None:
     work = workload.build_workload(cfg)
     n, r = args.clients, int(cfg["lora-rank"])
     k0 = max(1, round(float(cfg["sketch-ratio"]) * r))
-    cal = load_sketch_calibration(args.calibration)
-    constants = {"default": SketchObjective(), "fitted": cal.objective()}
+    cals = {p.stem.replace("sketch_calibration_", ""): load_sketch_calibration(p)
+            for p in args.calibration}
+    constants = {"default": SketchObjective(), **{k: c.objective() for k, c in cals.items()}}
+    for k, c in cals.items():
+        print(f"constants {k}: alpha0 {c.alpha0:.4g}, alpha1 {c.alpha1:.4g}, xi {c.xi:.4g} "
+              f"(fitted {c.fitted}, assumed {c.assumed}, rms rel. residual "
+              f"{c.rel_rms_residual:.3f})")
     systems, snr = {}, {}
     for spread in (1, 10):
         sig = spread_sigma(n, args.seed, spread)
@@ -133,7 +140,7 @@ def main() -> None:
         print(f"SNR (dB) {chname}: min {s['min']:.1f} median {s['median']:.1f} "
               f"max {s['max']:.1f}")
     rows = []
-    hdr = (f"{'spread':>6} {'ovh':>4} {'channel':>8} {'consts':>7} | {'J opt':>9} "
+    hdr = (f"{'spread':>6} {'ovh':>4} {'channel':>8} {'consts':>13} | {'J opt':>9} "
            f"{'unif/opt':>8} {'full/opt':>8} {'bestk/opt':>9} {'k*':>3} | {'E[T] opt':>8} "
            f"{'unif':>6} {'full':>6} | {'E[part]':>7} {'unif':>5} | mean k, q slow/fast")
     print(hdr)
@@ -144,44 +151,49 @@ def main() -> None:
             rows.append({"compute_spread": spread, "compute_heterogeneity": sig,
                          "round_overhead_s": overhead, "channel": chname,
                          "constants": cname, "alpha": dataclasses.asdict(obj), **res})
-            print(f"{spread:>5}x {overhead:>4.1f} {chname:>8} {cname:>7} | {o['J']:>9.4g} "
+            print(f"{spread:>5}x {overhead:>4.1f} {chname:>8} {cname:>13} | {o['J']:>9.4g} "
                   f"{u['J'] / o['J']:>8.3f} {f['J'] / o['J']:>8.3f} {b['J'] / o['J']:>9.3f} "
                   f"{b['common_k']:>3} | {o['E_round_s']:>8.2f} {u['E_round_s']:>6.2f} "
                   f"{f['E_round_s']:>6.2f} | {o['E_participants']:>7.2f} "
                   f"{u['E_participants']:>5.2f} | {o['mean_k']:.2f} "
                   f"[{min(o['k'])}-{max(o['k'])}], {o['q_slowest']:.2f}/{o['q_fastest']:.2f}",
                   flush=True)
-    # sensitivity on the strongly heterogeneous, shadowed system
+    # sensitivity on the strongly heterogeneous, shadowed system, for every constant set
     sens = []
-    print("\nsensitivity (10x compute, shadowed channel): each fitted constant x0.5 / x2, "
-          "re-optimised; regret = J under the fitted constants of the re-optimised plan / "
-          "J of the fitted optimum - 1")
-    print(f"{'ovh':>4} {'constant':>8} {'x':>4} | {'J*':>9} {'E[T]':>6} {'E[part]':>7} "
-          f"{'mean k':>6} {'k range':>7} | {'regret':>7}")
-    for overhead in (0.0, 1.0):
-        system, a, _ = systems[(10, overhead, "shadowed")]
-        base = constants["fitted"]
-        p0 = optimize_sampling(system, a, base, budget=args.q * n, k_init=k0, draws=args.draws)
-        aa = a / a.sum()
-        for name in ("alpha0", "alpha1", "xi"):
-            for scale in (0.5, 1.0, 2.0):
-                obj = dataclasses.replace(base, **{name: getattr(base, name) * scale})
-                p = p0 if scale == 1 else optimize_sampling(
-                    system, a, obj, budget=args.q * n, k_init=k0, draws=args.draws)
-                j_base = base.rounds(p.q, p.k, aa, r) * p.expected_round_s
-                row = {"round_overhead_s": overhead, "constant": name, "scale": scale,
-                       **summary(p, system), "J_under_fitted": j_base,
-                       "regret": j_base / p0.objective - 1}
-                sens.append(row)
-                print(f"{overhead:>4.1f} {name:>8} {scale:>4} | {p.objective:>9.4g} "
-                      f"{p.expected_round_s:>6.2f} {float(p.q.sum()):>7.2f} "
-                      f"{float(p.k.mean()):>6.2f} {int(p.k.min()):>3}-{int(p.k.max()):<3} | "
-                      f"{row['regret']:>7.2%}", flush=True)
+    print("\nsensitivity (10x compute, shadowed channel): each constant x0.5 / x2, "
+          "re-optimised; regret = J under the unscaled constants of the re-optimised plan / "
+          "J of the unscaled optimum - 1")
+    print(f"{'consts':>13} {'ovh':>4} {'constant':>8} {'x':>4} | {'J*':>9} {'E[T]':>6} "
+          f"{'E[part]':>7} {'mean k':>6} {'k range':>7} | {'regret':>7}")
+    for cname, base in constants.items():
+        for overhead in (0.0, 1.0):
+            system, a, _ = systems[(10, overhead, "shadowed")]
+            p0 = optimize_sampling(system, a, base, budget=args.q * n, k_init=k0,
+                                   draws=args.draws)
+            aa = a / a.sum()
+            for name in ("alpha0", "alpha1", "xi"):
+                for scale in (0.5, 1.0, 2.0):
+                    obj = dataclasses.replace(base, **{name: getattr(base, name) * scale})
+                    p = p0 if scale == 1 else optimize_sampling(
+                        system, a, obj, budget=args.q * n, k_init=k0, draws=args.draws)
+                    j_base = base.rounds(p.q, p.k, aa, r) * p.expected_round_s
+                    row = {"constants": cname, "round_overhead_s": overhead,
+                           "constant": name, "scale": scale, **summary(p, system),
+                           "J_under_unscaled": j_base, "regret": j_base / p0.objective - 1}
+                    sens.append(row)
+                    if scale == 1 and name != "alpha0":
+                        continue
+                    print(f"{cname:>13} {overhead:>4.1f} {name:>8} {scale:>4} | "
+                          f"{p.objective:>9.4g} {p.expected_round_s:>6.2f} "
+                          f"{float(p.q.sum()):>7.2f} {float(p.k.mean()):>6.2f} "
+                          f"{int(p.k.min()):>3}-{int(p.k.max()):<3} | {row['regret']:>7.2%}",
+                          flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": "python bench/sketch_plan_study.py " + " ".join(sys.argv[1:]),
         "clients": n, "rank": r, "sampling_q": args.q, "k_fixed": k0, "draws": args.draws,
-        "calibration": str(args.calibration), "fitted": dataclasses.asdict(cal),
+        "calibrations": {k: {"file": str(p), **dataclasses.asdict(c)}
+                         for (k, c), p in zip(cals.items(), args.calibration, strict=True)},
         "snr_db": snr, "scenarios": rows, "sensitivity": sens,
         "wall_s": time.time() - t0}, indent=1, default=float) + "\n")
     print(f"\nwrote {args.out} in {time.time() - t0:.0f} s")

@@ -25,7 +25,8 @@ def test_sketch_run_reports_cumulative_wallclock_and_sends_k_of_r(tmp_path):
     assert proc.stdout.count("sketch pilot ") == 4
     cal = json.loads((run_dir / "sketch_calibration.json").read_text())
     assert len(cal["runs"]) == 4 and all(len(r["losses"]) == 3 for r in cal["runs"])
-    assert sorted(cal["fitted"] + cal["assumed"]) != []
+    # every constant is either fitted or listed as assumed (with the reason in the warnings)
+    assert set(cal["fitted"]) | set(cal["assumed"]) and (cal["assumed"] == [] or cal["warnings"])
     constants = json.loads((run_dir / "sampling_plan.json").read_text())["constants"]
     assert (constants["alpha0"], constants["alpha1"], constants["xi"]) == (
         cal["alpha0"], cal["alpha1"], cal["xi"])
