@@ -9,11 +9,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoft import checkpoint, data, lora, sketch_plan, tsfa_plan, workload
+from fedsoft import checkpoint, data, lora, sketch_calibration, sketch_plan, tsfa_plan, workload
 from fedsoft.calibration import append_scores, keep_scores_through, layer_scores
 from fedsoft.config import resolve
 from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
+from fedsoft.sketch_opt import uniform_plan
 from fedsoft.train import evaluate
 from strategies import pilot
 from strategies.discovery import discover, wait_for_nodes
@@ -26,9 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = ServerApp()
 
 
-def sketch_setup(cfg, work, num_clients: int):
-    """Paper B before round 1: system model, data shares a_n, the (q, k) plan (printed; its
-    table goes to sampling_plan.json once the run directory is opened)."""
+def sketch_system(cfg, work, num_clients: int):
+    """Paper B's system model (B.3) and the clients' data sizes a_n."""
     shapes = lora.factor_shapes(work.model)
     head = sum(v.numel() for v in lora.get_head(work.model).values())
     system = sketch_plan.system_model(cfg, num_clients, int(cfg["lora-rank"]),
@@ -39,14 +39,72 @@ def sketch_setup(cfg, work, num_clients: int):
         dirichlet_alpha=float(cfg["dirichlet-alpha"]),
         shards_per_client=int(cfg["shards-per-client"]),
     )
-    plan = sketch_plan.plan(cfg, system, sizes)
+    return system, sizes
+
+
+def sketch_pilot(cfg, grid: Grid, work, test, device, system, sizes, node_to_client,
+                 data_sizes) -> sketch_calibration.SketchCalibration:
+    """``sketch-calibration = "auto"``: ``sketch-pilot-rounds`` rounds of the sketch strategy
+    at each (q, k) of :func:`fedsoft.sketch_calibration.pilot_settings` (uniform q, common k),
+    each from the initial adapter on this federation, the server-side test loss after every
+    round; then alpha0, alpha1, xi fitted to the loss curves (B.4)."""
+    rank, rounds = int(cfg["lora-rank"]), int(cfg["sketch-pilot-rounds"])
+    fallback = sketch_plan.objective({**cfg, "sketch-calibration": ""})
+    initial = to_record(lora.to_arrays(work.model))
+    runs = []
+    for name, q, k in sketch_calibration.pilot_settings(rank, float(cfg["sampling-q"])):
+        pcfg = {**cfg, "sampling": "uniform", "sketch-k": "fixed", "sampling-q": q,
+                "sketch-ratio": k / rank, "checkpoint-every": 0}
+        p = uniform_plan(system, np.asarray(sizes, dtype=np.float64), fallback, q, k,
+                         draws=int(cfg["sketch-mc-draws"]), seed=int(cfg["seed"]))
+        strategy = make_strategy(pcfg, sampling=(p, system, np.asarray(sizes, np.float64)),
+                                 node_to_client=node_to_client, data_sizes=data_sizes)
+        losses: dict[int, float] = {}
+
+        def pilot_eval(server_round: int, arrays: ArrayRecord, losses=losses) -> MetricRecord:
+            lora.from_arrays(work.model, to_numpy(arrays))
+            loss, acc, _ = evaluate(work.model, test, device)
+            work.model.cpu()
+            losses[server_round] = loss
+            return MetricRecord({"accuracy": acc, "loss": loss})
+
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
+                       timeout=float(cfg["round-timeout"]),
+                       train_config=ConfigRecord(dict(pcfg)), evaluate_fn=pilot_eval)
+        curve = np.array([losses.get(t, np.nan) for t in range(rounds + 1)])
+        print(f"[fedsoft] sketch pilot {name}: q {q:g}, k {k}/{rank}, loss "
+              f"{[round(float(x), 4) for x in curve]}", flush=True)
+        runs.append(sketch_calibration.PilotRun(name, p.q, p.k, np.asarray(sizes, np.float64),
+                                                rank, sketch_calibration.fill_losses(curve)))
+    lora.from_arrays(work.model, to_numpy(initial))
+    cal = sketch_calibration.fit_constants(runs, fallback,
+                                           target_fraction=float(cfg["sketch-pilot-target"]),
+                                           source="auto pilot")
+    for w in cal.warnings:
+        print(f"[fedsoft] WARNING sketch calibration: {w}", flush=True)
+    return cal
+
+
+def sketch_setup(cfg, work, num_clients: int, system=None, sizes=None,
+                 calibration: sketch_calibration.SketchCalibration | None = None):
+    """Paper B before round 1: system model, data shares a_n, the (q, k) plan (printed; its
+    table goes to sampling_plan.json once the run directory is opened). The constants of J come
+    from ``calibration`` when given (the auto pilot), else from the run config."""
+    if system is None or sizes is None:
+        system, sizes = sketch_system(cfg, work, num_clients)
+    plan = sketch_plan.plan(cfg, system, sizes, calibration)
+    obj = sketch_plan.objective(cfg, calibration)
     table = sketch_plan.plan_table(plan, system, sizes)
     summary = {"sampling": cfg["sampling"], "objective": plan.objective,
                "uniform_objective": plan.uniform_objective,
-               "expected_round_s": plan.expected_round_s, "clients": table}
+               "expected_round_s": plan.expected_round_s,
+               "constants": {"alpha0": obj.alpha0, "alpha1": obj.alpha1, "xi": obj.xi,
+                             "calibration": str(cfg["sketch-calibration"])},
+               "clients": table}
     print(f"[fedsoft] sketch plan ({cfg['sampling']}): E[participants] "
           f"{float(plan.q.sum()):.2f}, E[round] {plan.expected_round_s:.2f} s, objective "
-          f"{plan.objective:.4g} (uniform {plan.uniform_objective:.4g}); q "
+          f"{plan.objective:.4g} (uniform {plan.uniform_objective:.4g}); alpha0 "
+          f"{obj.alpha0:.4g}, alpha1 {obj.alpha1:.4g}, xi {obj.xi:.4g}; q "
           f"{[round(float(x), 3) for x in plan.q]}, k {plan.k.tolist()}", flush=True)
     return (plan, system, np.asarray(sizes, dtype=np.float64)), summary
 
@@ -102,9 +160,18 @@ def main(grid: Grid, context: Context) -> None:
     device = pick_device(str(cfg["device"]))
     found = discover(grid, node_ids)  # stable client identities and partition count
     sizes = server_data_sizes(cfg, found.num_partitions)
-    sampling, sketch_summary = None, None
+    sampling, sketch_summary, sketch_cal = None, None, None
     if cfg["strategy"] == "sketch":
-        sampling, sketch_summary = sketch_setup(cfg, work, len(node_ids))
+        system, psizes = sketch_system(cfg, work, len(node_ids))
+        if cfg["sketch-calibration"] == "auto":
+            saved = run_dir / sketch_calibration.CALIBRATION_FILE
+            if resume is not None and saved.is_file():  # the plan the run started with
+                sketch_cal = sketch_calibration.load_sketch_calibration(saved)
+            else:
+                sketch_cal = sketch_pilot(cfg, grid, work, test, device, system, psizes,
+                                          found.node_to_partition, sizes)
+        sampling, sketch_summary = sketch_setup(cfg, work, len(node_ids), system, psizes,
+                                                sketch_cal)
     strategy = make_strategy(cfg, tsfa=tsfa, sampling=sampling,
                              node_to_client=found.node_to_partition, data_sizes=sizes)
     initial_arrays = lora.to_arrays(work.model)
@@ -126,6 +193,9 @@ def main(grid: Grid, context: Context) -> None:
         run.write_json("offline.json", offline)
     if sketch_summary is not None:
         run.write_json("sampling_plan.json", sketch_summary)
+    if sketch_cal is not None:
+        sketch_calibration.write_sketch_calibration(
+            run.dir / sketch_calibration.CALIBRATION_FILE, sketch_cal)
     if resume is not None:
         done, saved_arrays, state = resume
         initial_arrays = saved_arrays

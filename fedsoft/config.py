@@ -111,6 +111,11 @@ _SCHEMA: dict[str, Key] = {
     "sketch-alpha1": Key(1.0, _positive, "> 0"),
     "sketch-xi": Key(0.5, _non_negative, ">= 0"),
     "sketch-mc-draws": Key(256, _positive, ">= 1"),
+    "sketch-calibration": Key("", None, "'' (sketch-alpha0/alpha1/xi as given), 'auto' (pilot "
+                              "in the ServerApp, then fit) or a path to a "
+                              "sketch_calibration.json"),
+    "sketch-pilot-rounds": Key(4, lambda v: v >= 2, ">= 2 rounds per pilot setting"),
+    "sketch-pilot-target": Key(0.8, lambda v: 0 < v <= 1, "0 < sketch-pilot-target <= 1"),
     "server-lr": Key(1.0, _positive, "> 0"),
     "compute-s-per-step": Key(0.5, _positive, "> 0 seconds"),
     "compute-heterogeneity": Key(0.5, _non_negative, ">= 0 (log-normal sigma)"),

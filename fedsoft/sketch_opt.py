@@ -10,14 +10,21 @@ Monte-Carlo expected round time of :class:`fedsoft.wallclock.SystemModel`. Const
 expected number of participants sum_n q_n is at most the budget (the same budget as uniform
 sampling), q_n in [q_min, 1], k_n in [1, r].
 
-Low-complexity scheme (B.5, PROPOSED-M), alternating from uniform sampling at the initial k:
-* q-step: for fixed k the stationarity condition of the product gives
+Low-complexity scheme (B.5, PROPOSED-M):
+* q-step (B.5 step 2): for fixed k the stationarity condition of the product gives
   q_n = clip(lambda sqrt(a_n^2 alpha_n(k_n) / c_n), q_min, 1), c_n the client's mean round time
   (compute + full-band upload), with one common multiplier lambda; lambda_max meets the budget
   (bisection), and a 1-D log grid below it is scored with the true J;
-* k-step: each k_n minimises the linearised product (a_n^2 alpha_n(k)/q_n) E[T] + R q_n c_n(k)
-  over k in [1, r]; the new k is kept only if J drops.
+* start (common-k sweep): for every common k = 1..r the q-step at that k is run from uniform
+  sampling; the best (q, k) of these r candidates is the starting point, so the result is never
+  worse than the best fixed common k, with or without its own q-step;
+* k-step (B.5 step 3, a real 1-D search): at fixed q, first every common k = 1..r, then
+  coordinate descent: for each client in turn every k_n in 1..r with the others fixed, all
+  scored with the true J; sweeps repeat until none moves J (at most ``k_sweeps``);
+* alternate q- and k-steps (B.5 step 4) until neither lowers J. The last step is always a
+  k-step, so at the returned q no common k and no single-client change of k_n is better.
 A step is accepted only when J decreases, so the result is never worse than uniform sampling.
+J is evaluated with common random numbers (``seed``), so it is a deterministic function.
 """
 
 from __future__ import annotations
@@ -106,27 +113,27 @@ def optimize_sampling(
     q_min: float = 0.05,
     iters: int = 6,
     grid: int = 16,
+    k_sweeps: int = 3,
     draws: int = 256,
     seed: int = 0,
 ) -> SamplingPlan:
-    """Alternating q/k minimisation of J = R_eps * E[T] under sum q <= budget (B.5)."""
+    """Alternating q/k minimisation of J = R_eps * E[T] under sum q <= budget (B.5); with
+    ``optimize_k`` the k-step is a common-k sweep plus per-client coordinate descent over
+    k_n in 1..r (see the module docstring), otherwise k = ``k_init`` for everyone."""
     n, r = system.num_clients, system.rank
     budget = min(positive("expected participants budget", budget), float(n))
     a = _check(system, a, budget, q_min)
-    k = np.full(n, int(np.clip(pos_int("k_init", k_init), 1, r)), dtype=np.int64)
-    q = np.full(n, budget / n)
+    k0 = np.full(n, int(np.clip(pos_int("k_init", k_init), 1, r)), dtype=np.int64)
+    q0 = np.full(n, budget / n)
     mean_gamma = system.channel.spectral_eff(system.channel.mean_gains())
 
     def score(qv: np.ndarray, kv: np.ndarray) -> tuple[float, float]:
         t = system.expected_round_time(qv, kv, draws, seed)
         return objective.rounds(qv, kv, a, r) * t, t
 
-    best, best_t = score(q, k)
-    uniform = best
-    history = [best]
-    for _ in range(iters):
-        improved = False
-        # q-step: q_n = clip(lam * base_n, q_min, 1) with sum q <= budget
+    def q_step(q: np.ndarray, k: np.ndarray, best: tuple[float, float]
+               ) -> tuple[np.ndarray, tuple[float, float], bool]:
+        # q_n = clip(lam * base_n, q_min, 1) with sum q <= budget (B.5 step 2)
         c = system.compute_time(k) + system.upload_time(k, mean_gamma)
         base = np.sqrt(a**2 * objective.alpha(k, r) / np.maximum(c, 1e-12))
         base = np.maximum(base, 1e-12)
@@ -137,31 +144,58 @@ def optimize_sampling(
                 hi = mid
             else:
                 lo = mid
+        improved = False
         for lam in lo * np.geomspace(0.05, 1.0, grid):
             qv = np.clip(lam * base, q_min, 1.0)
             if qv.sum() > budget * (1 + 1e-9):
                 continue
-            j, t = score(qv, k)
-            if j < best * (1 - 1e-9):
-                best, best_t, q, improved = j, t, qv, True
-        # k-step: per-client 1-D search on the linearised product
-        if optimize_k and r > 1:
-            cand = np.arange(1, r + 1)
-            rounds_now = objective.rounds(q, k, a, r)
-            new_k = k.copy()
+            j = score(qv, k)
+            if j[0] < best[0] * (1 - 1e-9):
+                best, q, improved = j, qv, True
+        return q, best, improved
+
+    def k_step(q: np.ndarray, k: np.ndarray, best: tuple[float, float]
+               ) -> tuple[np.ndarray, tuple[float, float], bool]:
+        # B.5 step 3: common k = 1..r, then per-client coordinate descent on the true J
+        improved = False
+        for c in range(1, r + 1):
+            kv = np.full(n, c, dtype=np.int64)
+            j = score(q, kv)
+            if j[0] < best[0] * (1 - 1e-9):
+                best, k, improved = j, kv, True
+        for _ in range(k_sweeps):
+            moved = False
             for i in range(n):
-                tcp = system.steps * system.compute_s[i] * (
-                    1 - system.lora_share + system.lora_share * cand / r)
-                tcm = (cand * system.bits_per_rank + system.head_bits) / (
-                    system.channel.config.bandwidth_hz * max(mean_gamma[i], 1e-12))
-                g = (a[i] ** 2 * objective.alpha(cand, r) / q[i]) * best_t \
-                    + rounds_now * q[i] * (tcp + tcm)
-                new_k[i] = int(cand[int(np.argmin(g))])
-            if not np.array_equal(new_k, k):
-                j, t = score(q, new_k)
-                if j < best * (1 - 1e-9):
-                    best, best_t, k, improved = j, t, new_k, True
-        history.append(best)
+                for c in range(1, r + 1):
+                    if c == k[i]:
+                        continue
+                    kv = k.copy()
+                    kv[i] = c
+                    j = score(q, kv)
+                    if j[0] < best[0] * (1 - 1e-9):
+                        best, k, moved = j, kv, True
+            improved |= moved
+            if not moved:
+                break
+        return k, best, improved
+
+    uniform = score(q0, k0)
+    q, k, best = q0, k0, uniform
+    history = [uniform[0]]
+    starts = range(1, r + 1) if optimize_k and r > 1 else [int(k0[0])]
+    for c in starts:  # the best fixed common k, each with its own q-step
+        kc = np.full(n, c, dtype=np.int64)
+        jc = uniform if c == k0[0] else score(q0, kc)
+        qc, jc, _ = q_step(q0, kc, jc)
+        if jc[0] < best[0] * (1 - 1e-9):
+            q, k, best = qc, kc, jc
+    history.append(best[0])
+    for _ in range(iters):
+        q, best, improved = q_step(q, k, best)
+        if optimize_k and r > 1:
+            k, best, k_improved = k_step(q, k, best)
+            improved |= k_improved
+        history.append(best[0])
         if not improved:
             break
-    return SamplingPlan(q, k, best, uniform, best_t, history)
+    return SamplingPlan(q, k, best[0], uniform[0], best[1], history)

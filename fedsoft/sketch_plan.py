@@ -8,16 +8,19 @@ from typing import Any
 import numpy as np
 
 from fedsoft.channel import Channel
+from fedsoft.config import ConfigError
+from fedsoft.sketch_calibration import SketchCalibration, load_sketch_calibration
 from fedsoft.sketch_opt import SamplingPlan, SketchObjective, optimize_sampling, uniform_plan
 from fedsoft.tsfa_plan import CHANNEL_KEYS, channel_config, run_config_errors
 from fedsoft.wallclock import SystemModel, compute_speeds
 
-__all__ = ["plan", "plan_table", "system_model"]
+__all__ = ["objective", "plan", "plan_table", "system_model"]
 
 SYSTEM_KEYS = ("compute-s-per-step", "compute-heterogeneity", "compute-lora-share",
                "bandwidth-allocation", "round-overhead-s", "local-steps", *CHANNEL_KEYS)
 SAMPLING_KEYS = ("sampling", "sampling-q", "sampling-q-min", "sketch-ratio", "sketch-k",
-                 "sketch-alpha0", "sketch-alpha1", "sketch-xi", "sketch-mc-draws")
+                 "sketch-alpha0", "sketch-alpha1", "sketch-xi", "sketch-mc-draws",
+                 "sketch-calibration")
 
 
 def system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_total: int,
@@ -46,28 +49,47 @@ def _system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_
     )
 
 
-def plan(cfg: Mapping[str, Any], system: SystemModel,
-         data_sizes: Sequence[int]) -> SamplingPlan:
-    """q and k per client for ``sampling`` = optimized | uniform | full (B.5 baselines); a bad
-    value is a ConfigError naming its run-config key."""
+def objective(cfg: Mapping[str, Any], calibration: SketchCalibration | None = None
+              ) -> SketchObjective:
+    """alpha0, alpha1, xi of R_eps (B.4): from ``calibration`` (the ``auto`` pilot's fit), from
+    the file ``sketch-calibration`` names, or the ``sketch-alpha0/alpha1/xi`` keys (``""``).
+    A missing or malformed file is a ConfigError naming ``sketch-calibration``."""
+    if calibration is not None:
+        return calibration.objective()
+    source = str(cfg.get("sketch-calibration", ""))
+    if source == "auto":
+        raise ConfigError("run-config key 'sketch-calibration' = 'auto': the pilot's fit must "
+                          "be passed in (fedsoft.sketch_calibration.fit_constants)")
+    if source:
+        try:
+            return load_sketch_calibration(source).objective()
+        except ValueError as exc:
+            raise ConfigError(f"run-config key 'sketch-calibration' = {source!r}: {exc}") from exc
+    return SketchObjective(float(cfg["sketch-alpha0"]), float(cfg["sketch-alpha1"]),
+                           float(cfg["sketch-xi"]))
+
+
+def plan(cfg: Mapping[str, Any], system: SystemModel, data_sizes: Sequence[int],
+         calibration: SketchCalibration | None = None) -> SamplingPlan:
+    """q and k per client for ``sampling`` = optimized | uniform | full (B.5 baselines), J
+    priced with :func:`objective`; a bad value is a ConfigError naming its run-config key."""
     with run_config_errors(cfg, SAMPLING_KEYS):
-        return _plan(cfg, system, data_sizes)
+        return _plan(cfg, system, data_sizes, objective(cfg, calibration))
 
 
-def _plan(cfg: Mapping[str, Any], system: SystemModel, data_sizes: Sequence[int]) -> SamplingPlan:
+def _plan(cfg: Mapping[str, Any], system: SystemModel, data_sizes: Sequence[int],
+          obj: SketchObjective) -> SamplingPlan:
     a = np.asarray(data_sizes, dtype=np.float64)
     k0 = max(1, int(round(float(cfg["sketch-ratio"]) * system.rank)))
-    objective = SketchObjective(float(cfg["sketch-alpha0"]), float(cfg["sketch-alpha1"]),
-                                float(cfg["sketch-xi"]))
     draws, seed = int(cfg["sketch-mc-draws"]), int(cfg["seed"])
     mode = str(cfg["sampling"])
     if mode == "full":
-        return uniform_plan(system, a, objective, 1.0, k0, draws=draws, seed=seed)
+        return uniform_plan(system, a, obj, 1.0, k0, draws=draws, seed=seed)
     if mode == "uniform":
-        return uniform_plan(system, a, objective, float(cfg["sampling-q"]), k0,
+        return uniform_plan(system, a, obj, float(cfg["sampling-q"]), k0,
                             draws=draws, seed=seed)
     return optimize_sampling(
-        system, a, objective, budget=float(cfg["sampling-q"]) * system.num_clients, k_init=k0,
+        system, a, obj, budget=float(cfg["sampling-q"]) * system.num_clients, k_init=k0,
         optimize_k=str(cfg["sketch-k"]) == "optimized", q_min=float(cfg["sampling-q-min"]),
         draws=draws, seed=seed,
     )

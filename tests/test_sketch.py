@@ -233,3 +233,59 @@ def test_sketch_config_cross_checks():
         resolve({**DEFAULTS, "strategy": "sketch", "sampling-q": 0.1, "sampling-q-min": 0.2})
     with pytest.raises(ConfigError, match="sketch-ratio"):
         resolve({**DEFAULTS, "sketch-ratio": 0.0})
+
+
+@pytest.mark.parametrize("allocation", ["equal_finish", "equal"])
+def test_vectorised_expected_round_time_matches_a_per_draw_loop(allocation):
+    s = SystemModel(_system(7).compute_s, 10, 0.3, 8, 32 * 2000, 32 * 500, _system(7).channel,
+                    allocation, round_overhead_s=0.5)
+    q = np.array([0.1, 0.9, 0.5, 0.3, 1.0, 0.05, 0.6])
+    k = np.array([1, 8, 3, 2, 5, 4, 7])
+    rng = np.random.default_rng(np.random.SeedSequence(3, spawn_key=(11,)))
+    u, fade = rng.random((64, 7)), rng.exponential(1.0, size=(64, 7))
+    total = 0.0
+    for j in range(64):
+        part = np.flatnonzero(u[j] < q)
+        gamma = s.channel.spectral_eff(fade[j, part] * s.channel.mean_gains()[part])
+        t = round_time(s.compute_time(k)[part], s.upload_time(k[part], gamma), allocation)[0]
+        total += 0.5 + t
+    assert s.expected_round_time(q, k, draws=64, seed=3) == pytest.approx(total / 64, rel=1e-10)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 1000), het=st.floats(0.0, 2.0), overhead=st.sampled_from([0.0, 1.0]),
+       xi=st.sampled_from([0.0, 0.5, 3.0]))
+def test_optimiser_is_never_worse_than_the_best_common_k(seed, het, overhead, xi):
+    rng = np.random.default_rng(seed)
+    base = _system(5, het, rank=6)
+    s = SystemModel(base.compute_s, 10, 0.3, 6, 32 * 2000, 32 * 500, base.channel,
+                    round_overhead_s=overhead)
+    a = rng.random(5) + 0.1
+    obj = SketchObjective(float(rng.uniform(0, 3)), float(rng.uniform(0.5, 5)), xi)
+    kw = {"budget": 2.5, "draws": 24, "seed": seed, "iters": 3, "grid": 6}
+    p = optimize_sampling(s, a, obj, k_init=3, **kw)
+    for c in range(1, 7):  # each common k: its own q-step, and uniform q
+        fixed = optimize_sampling(s, a, obj, k_init=c, optimize_k=False, **kw)
+        assert p.objective <= fixed.objective * (1 + 1e-12), (c, p.objective, fixed.objective)
+        assert p.objective <= uniform_plan(s, a, obj, 0.5, c, draws=24, seed=seed).objective
+
+
+def test_k_step_ends_coordinatewise_optimal_not_all_or_nothing():
+    s = _system(6, het=1.5, rank=8)
+    a = np.array([0.3, 0.1, 0.25, 0.05, 0.2, 0.1])
+    obj = SketchObjective(1.0, 2.0, 0.5)
+    p = optimize_sampling(s, a, obj, budget=3.0, k_init=4, draws=32)
+    aa = a / a.sum()
+
+    def j(k):
+        return obj.rounds(p.q, k, aa, 8) * s.expected_round_time(p.q, k, 32, 0)
+
+    assert j(p.k) == pytest.approx(p.objective)
+    for i in range(6):  # no single client's k_n in 1..r lowers J at the returned q
+        for c in range(1, 9):
+            kv = p.k.copy()
+            kv[i] = c
+            assert j(kv) >= p.objective * (1 - 1e-9), (i, c)
+    for c in range(1, 9):  # nor does any common k
+        assert j(np.full(6, c)) >= p.objective * (1 - 1e-9)
+    assert len(set(p.k.tolist())) > 1  # heterogeneous clients get different k_n here
