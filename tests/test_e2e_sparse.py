@@ -51,6 +51,9 @@ def test_tsfa_run_logs_queue_and_keeps_the_latency_budget(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "TSFA offline stage" in proc.stdout
+    snr = json.loads((run_dir / "channel.json").read_text())
+    assert (f"SNR (dB): min {snr['snr_db_min']:.1f} median {snr['snr_db_median']:.1f} max "
+            f"{snr['snr_db_max']:.1f}") in proc.stdout
     rows = read_metrics(run_dir / "metrics.jsonl")[1:]
     offline = json.loads((run_dir / "offline.json").read_text())
     chosen = [r for r in offline if r["chosen"]]
