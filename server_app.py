@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsoft import checkpoint, data, lora, sketch_calibration, sketch_plan, tsfa_plan, workload
 from fedsoft.calibration import append_scores, keep_scores_through, layer_scores
+from fedsoft.channel import snr_line
 from fedsoft.config import resolve
 from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
@@ -151,6 +152,10 @@ def main(grid: Grid, context: Context) -> None:
             payload_bits=payload, resume_config=resume[2]["config"] if resume else None)
         tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids),
                               d_plus_k_total=sum(s.d + s.k for s in shapes), payload_bits=payload)
+        print(f"[fedsoft] {str(cfg['strategy']).upper()} budget T_bar = {tsfa.T_bar:.4g} s "
+              f"(nominal dense round {tsfa.dense_nominal_s:.4g} s), payload model "
+              f"{tsfa.payload_model}, P3 {tsfa.controller.solver_used}, empty-queue rho "
+              f"{'rho_min' if tsfa.start_rho is None else f'{tsfa.start_rho:.4f}'}", flush=True)
         if tsfa.offline is not None:
             offline = tsfa_plan.offline_table(tsfa.offline)
             print(tsfa_plan.format_table(offline), flush=True)
@@ -172,6 +177,15 @@ def main(grid: Grid, context: Context) -> None:
                                           found.node_to_partition, sizes)
         sampling, sketch_summary = sketch_setup(cfg, work, len(node_ids), system, psizes,
                                                 sketch_cal)
+    channel_summary = None
+    if tsfa is not None or sampling is not None:
+        channel = tsfa.channel if tsfa is not None else sampling[1].channel
+        k = (min(int(cfg["clients-per-round"]), len(node_ids)) if tsfa is not None
+             else max(1, round(float(sampling[0].q.sum()))))
+        channel_summary = channel.snr_summary(k)
+        print(f"[fedsoft] {snr_line(channel_summary)} (mean SNR over the average channel, "
+              f"{cfg['path-loss-model']}, equal share 1/{k} of {cfg['bandwidth-hz']:g} Hz)",
+              flush=True)
     strategy = make_strategy(cfg, tsfa=tsfa, sampling=sampling,
                              node_to_client=found.node_to_partition, data_sizes=sizes)
     initial_arrays = lora.to_arrays(work.model)
@@ -196,6 +210,8 @@ def main(grid: Grid, context: Context) -> None:
     if sketch_cal is not None:
         sketch_calibration.write_sketch_calibration(
             run.dir / sketch_calibration.CALIBRATION_FILE, sketch_cal)
+    if channel_summary is not None:
+        run.write_json("channel.json", channel_summary)
     if resume is not None:
         done, saved_arrays, state = resume
         initial_arrays = saved_arrays

@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 
 from fedsoft.bound import BoundConstants
-from fedsoft.channel import Channel, spectral_efficiency
+from fedsoft.channel import Channel
 from fedsoft.checks import pos_int as _pos_int
 from fedsoft.checks import positive as _positive
 from fedsoft.checks import real as _real
@@ -21,6 +21,9 @@ __all__ = [
     "OfflineResult",
     "Calibration",
     "nominal_inv_gamma_sum",
+    "nominal_weights",
+    "nominal_seconds_per_bit",
+    "budget_rho",
     "rho_star",
     "choose_rank",
     "choose_rank_for_channel",
@@ -29,7 +32,53 @@ __all__ = [
 
 
 class InfeasibleLatencyError(ValueError):
-    """Raised when no candidate rank meets the latency budget with rho <= rho_max."""
+    """Raised when no candidate rank meets the latency budget with rho <= rho_max.
+
+    ``min_budget_s`` is the smallest feasible budget in seconds (smallest nominal delay: the
+    smallest rank at rho_max), so callers can restate it in their own units.
+    """
+
+    def __init__(self, message: str, min_budget_s: float = float("nan")) -> None:
+        super().__init__(message)
+        self.min_budget_s = float(min_budget_s)
+
+
+def nominal_weights(
+    mean_spectral_eff: object,
+    num_scheduled: int,
+    mode: Literal["scaled", "representative"] = "scaled",
+    representatives: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Weights w_i of the offline nominal scheduled set (A.10): K/N for every client
+    (``scaled``) or 1 on K representative clients (``representative``, see
+    :func:`nominal_inv_gamma_sum`); S = sum_i w_i / Gamma_bar_i with the paper's noise."""
+    g = np.asarray(mean_spectral_eff, dtype=np.float64)
+    if g.ndim != 1 or g.size == 0:
+        raise ValueError(f"mean_spectral_eff must be a non-empty 1-D array, got shape {g.shape}")
+    if not np.all(np.isfinite(g)) or np.any(g <= 0.0):
+        raise ValueError(f"mean_spectral_eff must be finite and > 0, got {mean_spectral_eff!r}")
+    k = _pos_int("num_scheduled", num_scheduled)
+    n = g.size
+    if k > n:
+        raise ValueError(f"num_scheduled must be <= number of clients {n}, got {num_scheduled!r}")
+    if mode == "scaled":
+        return np.full(n, k / n)
+    if mode != "representative":
+        raise ValueError(f"mode must be 'scaled' or 'representative', got {mode!r}")
+    if representatives is None:
+        order = np.argsort(g)
+        idx = order[np.round(np.linspace(0, n - 1, k)).astype(int)]
+    else:
+        idx = np.asarray(representatives)
+        if idx.ndim != 1 or idx.size != k or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(
+                f"representatives must be {k} integer indices, got {representatives!r}"
+            )
+        if np.any(idx < 0) or np.any(idx >= n) or np.unique(idx).size != k:
+            raise ValueError(f"representatives must be distinct indices in [0, {n}), got {idx!r}")
+    w = np.zeros(n)
+    w[idx] = 1.0
+    return w
 
 
 def nominal_inv_gamma_sum(
@@ -49,31 +98,38 @@ def nominal_inv_gamma_sum(
 
     ``mean_spectral_eff`` are Gamma_bar_i = log2(1 + P D_i^-kappa / sigma^2) of all N clients.
     """
+    w = nominal_weights(mean_spectral_eff, num_scheduled, mode, representatives)
     g = np.asarray(mean_spectral_eff, dtype=np.float64)
-    if g.ndim != 1 or g.size == 0:
-        raise ValueError(f"mean_spectral_eff must be a non-empty 1-D array, got shape {g.shape}")
-    if not np.all(np.isfinite(g)) or np.any(g <= 0.0):
-        raise ValueError(f"mean_spectral_eff must be finite and > 0, got {mean_spectral_eff!r}")
-    k = _pos_int("num_scheduled", num_scheduled)
-    n = g.size
-    if k > n:
-        raise ValueError(f"num_scheduled must be <= number of clients {n}, got {num_scheduled!r}")
     if mode == "scaled":
-        return float(k / n * np.sum(1.0 / g))
-    if mode != "representative":
-        raise ValueError(f"mode must be 'scaled' or 'representative', got {mode!r}")
-    if representatives is None:
-        order = np.argsort(g)
-        idx = order[np.round(np.linspace(0, n - 1, k)).astype(int)]
-    else:
-        idx = np.asarray(representatives)
-        if idx.ndim != 1 or idx.size != k or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(
-                f"representatives must be {k} integer indices, got {representatives!r}"
-            )
-        if np.any(idx < 0) or np.any(idx >= n) or np.unique(idx).size != k:
-            raise ValueError(f"representatives must be distinct indices in [0, {n}), got {idx!r}")
-    return float(np.sum(1.0 / g[idx]))
+        return float(num_scheduled / g.size * np.sum(1.0 / g))
+    return float(np.sum(1.0 / g[w > 0]))
+
+
+def nominal_seconds_per_bit(
+    channel: Channel,
+    num_scheduled: int,
+    mode: Literal["scaled", "representative"] = "scaled",
+    representatives: Sequence[int] | None = None,
+) -> tuple[float, float]:
+    """(S, S / B_tot) of the nominal channel (eq. 25c): mean gains, the nominal set's weights
+    and the channel's noise model (equal-finish shares; with ``total`` noise S is eq. 29's
+    sum_j 1/Gamma_bar_j), so a common payload of ``bits`` takes bits S / B_tot seconds."""
+    if not isinstance(channel, Channel):
+        raise TypeError(f"channel must be a Channel, got {type(channel).__name__}")
+    gains = channel.mean_gains()
+    w = nominal_weights(channel.spectral_eff(gains), num_scheduled, mode, representatives)
+    s, _ = channel.plan_shares(gains, w)
+    return s, s / channel.config.bandwidth_hz
+
+
+def budget_rho(payload_bits: Callable[[float], float], T_bar: float, seconds_per_bit: float,
+               rho_min: float = 0.0, rho_max: float = 0.99) -> float:
+    """Smallest rho in [rho_min, rho_max] whose nominal delay payload_bits(rho) S / B_tot meets
+    T_bar (Lemma 2 / eq. 29 for any non-increasing payload); just above rho_max if none."""
+    lo, hi = _rho_range(rho_min, rho_max)
+    per_bit = _positive("seconds_per_bit", seconds_per_bit)
+    return _rho_star_payload(lambda x: float(payload_bits(x)) * per_bit,
+                             _positive("T_bar", T_bar), lo, hi)
 
 
 def _nominal_delay(rho: float, rank: int, d_plus_k_total: int, q: int, s: float, b: float) -> float:
@@ -214,7 +270,8 @@ def choose_rank(
         raise InfeasibleLatencyError(
             f"every candidate rank {sorted(cand)} is infeasible for latency budget T_bar={tb!r} s: "
             f"the smallest achievable nominal delay is {best!r} s (rank {r_min} at "
-            f"rho_max={hi!r})"
+            f"rho_max={hi!r}), the smallest feasible budget",
+            best,
         )
     best_row = min(feasible_rows, key=lambda row: (row.phi0, row.rank))
     return OfflineResult(table, best_row.rank, best_row.rho, best_row.phi0, s, tb)
@@ -234,12 +291,12 @@ def choose_rank_for_channel(
     representatives: Sequence[int] | None = None,
     payload_bits: Callable[[int, float], float] | None = None,
 ) -> OfflineResult:
-    """``choose_rank`` with S from the channel's mean gains D^-kappa (average channel, A.10)."""
+    """``choose_rank`` with S from the channel's mean gains (average channel, A.10) and its noise
+    model (:func:`nominal_seconds_per_bit`)."""
     if not isinstance(channel, Channel):
         raise TypeError(f"channel must be a Channel, got {type(channel).__name__}")
     cfg = channel.config
-    gbar = spectral_efficiency(channel.mean_gains(), cfg.tx_power_w, channel.noise_w)
-    s = nominal_inv_gamma_sum(gbar, num_scheduled, nominal, representatives)
+    s, _ = nominal_seconds_per_bit(channel, num_scheduled, nominal, representatives)
     return choose_rank(
         ranks,
         bound,

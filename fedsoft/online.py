@@ -9,9 +9,10 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from fedsoft.bound import BoundConstants
-from fedsoft.channel import ChannelConfig, round_delay, spectral_efficiency
+from fedsoft.channel import ChannelConfig, equal_finish, round_delay
 from fedsoft.checks import nonneg as _nonneg
 from fedsoft.checks import pos_int as _pos_int
 from fedsoft.checks import positive as _positive
@@ -28,6 +29,7 @@ __all__ = [
     "solve_p3_bisection",
     "solve_p3_closed_form",
     "solve_p3_cvxpy",
+    "solve_p3_payload",
     "P3Problem",
     "Decision",
     "TSFAController",
@@ -274,6 +276,55 @@ def solve_p3_cvxpy(
     return _cached_problem(bound.p, solver).solve(a, lam, lo, hi)
 
 
+def solve_p3_payload(
+    bound: BoundConstants,
+    rank: int,
+    V: float,
+    Q: float,
+    seconds_per_bit: float,
+    payload_bits: Callable[[float], float],
+    rho_min: float,
+    rho_max: float,
+    *,
+    grid: np.ndarray | None = None,
+    grid_bits: np.ndarray | None = None,
+    xtol: float = 1e-10,
+) -> float:
+    """P3 (39) for the real wire payload: min V Phi(r, rho) + Q T(rho), T = bits(rho) S / B_tot.
+
+    ``payload_bits(rho)`` is the encoded size of one client's upload (values, positions,
+    counts, head, framing; non-increasing in rho); ``seconds_per_bit`` is S^t / B_tot of the
+    round's equal-finish shares. The payload is nonlinear (the position format switches from a
+    bitmap to indices, the head is a constant), so the problem is a bounded 1-D minimisation:
+    the best point of a grid (``grid`` with its precomputed ``grid_bits``; default 513 points)
+    is refined by bounded Brent (scipy ``minimize_scalar``) between its grid neighbours, and the
+    better of the two is returned. Q = 0 gives rho_min; V kappa_E = 0 with Q > 0 the rho with
+    the smallest payload.
+    """
+    r = _pos_int("rank", rank)
+    v, q, c = _nonneg("V", V), _nonneg("Q", Q), _nonneg("seconds_per_bit", seconds_per_bit)
+    lo, hi = _rho_range(rho_min, rho_max)
+    if q * c <= 0.0 or hi == lo:
+        return lo
+    if grid is None:
+        grid = np.linspace(lo, hi, 513)
+        grid_bits = np.array([float(payload_bits(float(x))) for x in grid])
+    elif grid_bits is None or grid_bits.shape != grid.shape:
+        raise ValueError("grid_bits must be given with grid, same shape")
+    obj = v * np.asarray(bound.value(r, grid)) + q * c * grid_bits
+    i = int(np.argmin(obj))
+    best_x, best_f = float(grid[i]), float(obj[i])
+    a, b = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, grid.size - 1)])
+    if b > a:
+        def f(x: float) -> float:
+            return v * float(bound.value(r, x)) + q * c * float(payload_bits(x))
+
+        res = minimize_scalar(f, bounds=(a, b), method="bounded", options={"xatol": xtol})
+        if float(res.fun) < best_f:
+            best_x = float(res.x)
+    return min(max(best_x, lo), hi)
+
+
 @dataclass(frozen=True)
 class Decision:
     """Per-round output of the online stage (A.11 'one TSFA round')."""
@@ -300,9 +351,23 @@ class _History:
 class TSFAController:
     """Online stage of TSFA (eqs. 30-41) at a rank fixed before training.
 
-    Each round: ``step(gains)`` solves P3 (39) for rho^t given Q(t) and the observed CSI of the
-    scheduled clients and returns eq.-(41) bandwidth shares; ``observe(T^t)`` updates the virtual
-    queue (30) with the realised latency. Q(0) = 0, so round 0 uses rho_min.
+    Each round: ``step(gains)`` solves P3 (39) for rho^t given Q(t) and the CSI of the scheduled
+    clients and returns equal-finish bandwidth shares (eq. 41 with ``bandwidth_noise =
+    "total"``, the numerical solution of :func:`fedsoft.channel.equal_finish` with noise over
+    the allocated band); ``observe(T^t)`` updates the virtual queue (30) with the realised
+    latency.
+
+    The payload model is the same everywhere: with ``payload_bits`` (rho -> encoded bits of one
+    client's upload at this rank, e.g. :func:`fedsoft.tsfa_plan.payload_bits_fn`) P3 is solved
+    for that nonlinear payload by :func:`solve_p3_payload` (bounded 1-D search; ``solver`` is
+    then not used) and the predicted latency is bits(rho) S / B_tot; without it P3 uses the
+    paper's values-only payload (1 - rho) r (d+k) q and ``solver`` (cvxpy, bisection or closed
+    form). ``solver_used`` says which.
+
+    An empty queue (Q(t) = 0, round 0 included) makes P3's solution rho_min, a dense round when
+    rho_min = 0. ``empty_queue_rho`` replaces it (the ``tsfa-start = "budget"`` rule: the rho
+    that meets T_bar on the nominal channel, offline eq. 29 / Lemma 2); None keeps rho_min
+    (``"dense"``, P3 as written).
 
     Args:
         rank: r* from the offline stage (``from_offline``) or a user-fixed rank (OSFA).
@@ -310,10 +375,12 @@ class TSFAController:
         V: Lyapunov penalty weight (eq. 33), >= 0.
         T_bar: average-latency budget in s (eq. 24c).
         d_plus_k_total: sum over adapted layers of d_l + k_l (payload r (d+k) q).
-        channel: ``ChannelConfig`` supplying P, sigma^2, B_tot and q.
+        channel: ``ChannelConfig`` supplying P, noise, B_tot, the noise model and q.
         rho_min, rho_max: bounds of rho (eq. 39b with a practical cap rho_max < 1).
-        solver: "cvxpy" (default), "bisection" or "closed_form" (p = 1 only).
-        initial_rho: ratio of the first round (TSFA: the offline rho*(r*)); None = solve P3.
+        solver: "cvxpy" (default), "bisection" or "closed_form" (p = 1 only), values-only P3.
+        initial_rho: ratio of round 0 only (overrides ``empty_queue_rho`` there).
+        payload_bits: rho -> bits of one client's encoded upload (None = values only).
+        empty_queue_rho: ratio sent when Q(t) = 0 (None = rho_min).
     """
 
     mode: str = "tsfa"
@@ -331,6 +398,8 @@ class TSFAController:
         rho_max: float = 0.99,
         solver: Solver = "cvxpy",
         initial_rho: float | None = None,
+        payload_bits: Callable[[float], float] | None = None,
+        empty_queue_rho: float | None = None,
     ) -> None:
         if not isinstance(bound, BoundConstants):
             raise TypeError(f"bound must be a BoundConstants, got {type(bound).__name__}")
@@ -351,13 +420,30 @@ class TSFAController:
         self.channel = channel
         self.rho_min, self.rho_max = _rho_range(rho_min, rho_max)
         self.solver = solver
-        self.initial_rho = None if initial_rho is None else min(
-            max(_real("initial_rho", initial_rho), self.rho_min), self.rho_max)
+        self.initial_rho = None if initial_rho is None else self._clip(
+            _real("initial_rho", initial_rho))
+        self.empty_queue_rho = None if empty_queue_rho is None else self._clip(
+            _real("empty_queue_rho", empty_queue_rho))
+        self.payload_bits = payload_bits
+        self._grid = np.linspace(self.rho_min, self.rho_max, 513)
+        self._grid_bits = (None if payload_bits is None else
+                           np.array([float(payload_bits(float(x))) for x in self._grid]))
         self.history = _History()
         self._pending: Decision | None = None
         self._round = 0
         self._latency_sum = 0.0
         self._rho_sum = 0.0
+        self._floor_sum = 0.0  # sum of the predicted latency at rho_max (reachability check)
+        self.over_budget_rounds = 0  # consecutive observed rounds with average above budget
+
+    def _clip(self, rho: float) -> float:
+        return min(max(rho, self.rho_min), self.rho_max)
+
+    @property
+    def solver_used(self) -> str:
+        """P3 method in use: ``"1-D bounded (wire payload)"`` or the values-only ``solver``."""
+        return "1-D bounded (wire payload)" if self.payload_bits is not None else (
+            f"{self.solver} (values-only payload)")
 
     @classmethod
     def from_offline(
@@ -365,9 +451,10 @@ class TSFAController:
     ) -> TSFAController:
         """Controller at the offline stage's rank r*; T_bar defaults to the offline budget and
         the first round uses the offline ratio rho*(r*) ("the initial sparsification ratio",
-        A.10) unless ``initial_rho`` is given."""
+        A.10) unless ``initial_rho`` or ``empty_queue_rho`` is given."""
         kwargs.setdefault("T_bar", result.T_bar)
-        kwargs.setdefault("initial_rho", result.rho0)
+        if "empty_queue_rho" not in kwargs:
+            kwargs.setdefault("initial_rho", result.rho0)
         return cls(result.r_star, bound, **kwargs)  # type: ignore[arg-type]
 
     @property
@@ -390,14 +477,31 @@ class TSFAController:
         """Running time-average of the chosen rho^t over observed rounds."""
         return self._rho_sum / self._round if self._round else 0.0
 
+    @property
+    def average_floor_latency(self) -> float:
+        """Time-average of the predicted latency at rho_max: the smallest average latency this
+        rank could have had on the observed channels (compare with T_bar)."""
+        return self._floor_sum / self._round if self._round else 0.0
+
     def latency_scale(self, inv_gamma_sum: float) -> float:
-        """c = r (d+k) q S^t / B_tot, so the model latency is T^t = (1 - rho) c (eq. 39)."""
+        """c = r (d+k) q S^t / B_tot, so the values-only latency is T^t = (1 - rho) c (eq. 39)."""
         return round_latency(
             0.0, self.rank, self.d_plus_k_total, self.channel.bits_per_value, inv_gamma_sum,
             self.channel.bandwidth_hz,
         )
 
-    def _solve(self, c: float) -> float:
+    def bits(self, rho: float) -> float:
+        """Bits of one client's upload at ``rho`` under the payload model in use."""
+        if self.payload_bits is not None:
+            return float(self.payload_bits(rho))
+        return (1.0 - rho) * self.rank * self.d_plus_k_total * self.channel.bits_per_value
+
+    def _solve(self, c: float, s: float) -> float:
+        if self.payload_bits is not None:
+            return solve_p3_payload(
+                self.bound, self.rank, self.V, self.queue.value, s / self.channel.bandwidth_hz,
+                self.payload_bits, self.rho_min, self.rho_max, grid=self._grid,
+                grid_bits=self._grid_bits)
         args = (self.bound, self.V, self.queue.value, c, self.rho_min, self.rho_max)
         if self.solver == "cvxpy":
             return solve_p3_cvxpy(*args)
@@ -410,39 +514,46 @@ class TSFAController:
         gains: object,
         payload_bits_fn: Callable[[float], float | np.ndarray] | None = None,
     ) -> Decision:
-        """Decide rho^t (P3, eq. 39) and shares b^t (eq. 41) from scheduled clients' gains h_i^t.
+        """Decide rho^t (P3, eq. 39) and shares b^t (eqs. 27-28, 41) from the scheduled
+        clients' gains h_i^t as the server knows them (its CSI estimate).
 
-        ``payload_bits_fn`` maps rho to the real wire payload in bits (scalar, or one value per
-        scheduled client); the predicted latency then uses it with eq. (6). P3 itself uses the
-        linear model (1 - rho) r (d+k) q. Call ``observe`` before the next ``step``.
+        ``payload_bits_fn`` maps rho to the wire payload in bits (scalar, or one value per
+        scheduled client) for the predicted latency (eq. 6 with the round's shares); P3 uses the
+        controller's own payload model (``payload_bits`` at construction). Call ``observe``
+        with the realised latency before the next ``step``.
         """
         if self._pending is not None:
             raise RuntimeError("observe() must be called after each step() before the next step()")
         h = np.asarray(gains, dtype=np.float64)
         if h.ndim != 1 or h.size == 0:
             raise ValueError(f"gains must be a non-empty 1-D array, got shape {h.shape}")
-        gam = spectral_efficiency(h, self.channel.tx_power_w, self.channel.noise_w)
-        if np.any(gam <= 0.0):
+        if not np.all(np.isfinite(h)) or np.any(h <= 0.0):
             raise ValueError(f"gains must be > 0 for every scheduled client, got {gains!r}")
-        s = float(np.sum(1.0 / gam))
+        snr = self.channel.full_band_snr(h)
+        if np.any(np.log2(1.0 + snr) <= 0.0):
+            raise ValueError(f"gains must be > 0 for every scheduled client, got {gains!r}")
+        s, shares = equal_finish(snr, self.channel.bandwidth_noise)
+        gam = self.channel.spectral_eff_at(h, shares)
         c = self.latency_scale(s)
+        q_now = self.queue.value
         if self._round == 0 and self.initial_rho is not None:
             rho = self.initial_rho  # offline stage's rho*(r*) as the initial ratio (A.10)
+        elif q_now <= 0.0 and self.empty_queue_rho is not None:
+            rho = self.empty_queue_rho  # tsfa-start = "budget": no dense round on an empty queue
         else:
-            rho = self._solve(c)
-        shares = bandwidth_shares(gam)
+            rho = self._solve(c, s)
         model_t = (1.0 - rho) * c
+        per_bit = s / self.channel.bandwidth_hz
         if payload_bits_fn is None:
-            bits: float | np.ndarray = (1.0 - rho) * self.rank * self.d_plus_k_total * (
-                self.channel.bits_per_value
-            )
-            predicted = model_t
+            bits: float | np.ndarray = self.bits(rho)
+            predicted = float(bits) * per_bit
         else:
             raw = payload_bits_fn(rho)
             bits = float(raw) if np.ndim(raw) == 0 else np.asarray(raw, dtype=np.float64)
             predicted = round_delay(bits, shares, gam, self.channel.bandwidth_hz)
-        q_now = self.queue.value
-        obj = float(p3_objective(rho, self.bound, self.rank, self.V, q_now, c))
+        self._last_floor = self.bits(self.rho_max) * per_bit
+        pred_model = self.bits(rho) * per_bit
+        obj = float(self.V * self.bound.value(self.rank, rho) + q_now * pred_model)
         self._pending = Decision(
             self._round, rho, shares, gam, s, model_t, predicted, bits, q_now, obj
         )
@@ -459,10 +570,23 @@ class TSFAController:
         self.history.queue.append(q_next)
         self._latency_sum += t
         self._rho_sum += self._pending.rho
+        self._floor_sum += self._last_floor
         self._round += 1
+        self.over_budget_rounds = (self.over_budget_rounds + 1
+                                   if self.average_latency > self.T_bar else 0)
         self._pending = None
         return q_next
 
+    def budget_out_of_reach(self, patience: int = 5, margin: float = 1.05) -> str | None:
+        """A message when the realised average latency has exceeded ``margin`` x T_bar for
+        ``patience`` consecutive rounds, else None (a run whose budget may be out of reach)."""
+        if self.over_budget_rounds < patience or self.average_latency <= margin * self.T_bar:
+            return None
+        return (f"{self.mode.upper()} latency budget out of reach: the average uplink latency "
+                f"{self.average_latency:.4g} s has exceeded the budget T_bar = {self.T_bar:.4g} s "
+                f"for {self.over_budget_rounds} rounds (queue Q = {self.backlog:.4g} s); at "
+                f"rho_max = {self.rho_max:g} rank {self.rank} would average "
+                f"{self.average_floor_latency:.4g} s on these channels")
 
     def state_dict(self) -> dict[str, object]:
         """JSON-able state between rounds (queue, history, running sums) for checkpoints."""
@@ -470,6 +594,7 @@ class TSFAController:
             raise RuntimeError("state_dict() between step() and observe()")
         return {"queue": self.queue.value, "round": self._round,
                 "latency_sum": self._latency_sum, "rho_sum": self._rho_sum,
+                "floor_sum": self._floor_sum, "over_budget_rounds": self.over_budget_rounds,
                 "rho": list(self.history.rho), "latency": list(self.history.latency),
                 "queue_history": list(self.history.queue)}
 
@@ -480,10 +605,12 @@ class TSFAController:
             self._round = int(state["round"])
             self._latency_sum = float(state["latency_sum"])
             self._rho_sum = float(state["rho_sum"])
+            self._floor_sum = float(state.get("floor_sum", 0.0))
+            self.over_budget_rounds = int(state.get("over_budget_rounds", 0))
             self.history = _History([float(x) for x in state["rho"]],
                                     [float(x) for x in state["latency"]],
                                     [float(x) for x in state["queue_history"]])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"controller state: malformed checkpoint ({exc})") from exc
         self._pending = None
 

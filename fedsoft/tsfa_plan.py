@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,18 +18,27 @@ from fedsoft.channel import Channel, ChannelConfig
 from fedsoft.client_update import sparse_settings
 from fedsoft.codec import LayerSpec
 from fedsoft.config import DEFAULTS, ConfigError, parse_int_list
-from fedsoft.offline import OfflineResult, choose_rank_for_channel
+from fedsoft.offline import (
+    InfeasibleLatencyError,
+    OfflineResult,
+    budget_rho,
+    choose_rank_for_channel,
+    nominal_seconds_per_bit,
+)
 from fedsoft.online import OSFAController, TSFAController
 from fedsoft.pilot import AUTO, calibration_file
 from fedsoft.sparse_update import estimate_payload_bytes
 
 CHANNEL_KEYS = ("channel-distance-min", "channel-distance-max", "path-loss-exponent",
-                "tx-power-w", "bandwidth-hz", "noise-psd-dbm-hz")
+                "tx-power-w", "bandwidth-hz", "noise-psd-dbm-hz", "path-loss-model",
+                "path-loss-ref-db", "path-loss-ref-distance-m", "shadowing-db",
+                "noise-figure-db", "bandwidth-noise", "csi-error")
 BOUND_KEYS = ("bound-kappa-r", "bound-kappa-s", "bound-kappa-c", "bound-kappa-e",
               "bound-rank-ideal", "bound-sigma-bar", "bound-sigma-max", "bound-p",
               "bound-calibration")
-TSFA_KEYS = ("latency-budget", "lyapunov-v", "sparsity-min", "sparsity-max", "tsfa-ranks",
-             "p3-solver", "offline-nominal", "lora-rank")
+TSFA_KEYS = ("latency-budget", "latency-budget-mode", "lyapunov-v", "sparsity-min",
+             "sparsity-max", "tsfa-ranks", "p3-solver", "offline-nominal", "lora-rank",
+             "tsfa-start", "payload-model")
 
 # argument names of the channel, bound, offline, online and wall-clock modules -> run-config keys
 INTERNAL_NAMES: dict[str, tuple[str, ...]] = {
@@ -43,6 +53,12 @@ INTERNAL_NAMES: dict[str, tuple[str, ...]] = {
     "bandwidth_hz": ("bandwidth-hz",),
     "noise_psd_dbm_per_hz": ("noise-psd-dbm-hz",),
     "noise_power_w": ("noise-psd-dbm-hz", "bandwidth-hz"),
+    "ref_loss_db": ("path-loss-ref-db",),
+    "ref_distance_m": ("path-loss-ref-distance-m",),
+    "shadowing_db": ("shadowing-db",),
+    "noise_figure_db": ("noise-figure-db",),
+    "csi_error": ("csi-error",),
+    "full_snr": CHANNEL_KEYS,
     "spectral_eff": CHANNEL_KEYS,
     "mean_spectral_eff": CHANNEL_KEYS,
     "inv_gamma_sum": CHANNEL_KEYS,
@@ -129,13 +145,23 @@ def run_config_errors(cfg: Mapping[str, Any], stage_keys: Sequence[str] = ()) ->
 
 @dataclass
 class TSFAPlan:
-    """What the server needs before round 1: the channel, the rank and the online controller."""
+    """What the server needs before round 1: the channel, the rank and the online controller.
+
+    ``T_bar`` is the budget in seconds (``latency-budget`` itself, or times ``dense_nominal_s``
+    with ``latency-budget-mode = "dense-fraction"``); ``dense_nominal_s`` the dense upload's
+    round delay at ``lora-rank`` on the nominal channel (A.10) with the payload model in use;
+    ``start_rho`` the ratio of empty-queue rounds (None: rho_min, ``tsfa-start = "dense"``).
+    """
 
     channel: Channel
     bound: BoundConstants
     rank: int
     controller: TSFAController
     offline: OfflineResult | None  # None for OSFA (user-fixed rank)
+    T_bar: float = 0.0
+    dense_nominal_s: float = 0.0
+    start_rho: float | None = None
+    payload_model: str = "values"
 
 
 def channel_config(cfg: Mapping[str, Any], num_clients: int) -> ChannelConfig:
@@ -149,6 +175,13 @@ def channel_config(cfg: Mapping[str, Any], num_clients: int) -> ChannelConfig:
         bandwidth_hz=float(cfg["bandwidth-hz"]),
         noise_psd_dbm_per_hz=float(cfg["noise-psd-dbm-hz"]),
         bits_per_value=16 if cfg["wire-dtype"] == "float16" else 32,
+        path_loss_model=str(cfg["path-loss-model"]),  # type: ignore[arg-type]
+        ref_loss_db=float(cfg["path-loss-ref-db"]),
+        ref_distance_m=float(cfg["path-loss-ref-distance-m"]),
+        shadowing_db=float(cfg["shadowing-db"]),
+        noise_figure_db=float(cfg["noise-figure-db"]),
+        bandwidth_noise=str(cfg["bandwidth-noise"]),  # type: ignore[arg-type]
+        csi_error=float(cfg["csi-error"]),
     )
 
 
@@ -208,51 +241,112 @@ def payload_bits_fn(cfg: Mapping[str, Any], layer_dims: Sequence[tuple[str, int,
     return bits
 
 
+def payload_bits_for_model(cfg: Mapping[str, Any], model: Any) -> Callable[[int, float], float]:
+    """:func:`payload_bits_fn` for a peft LoRA model (its adapted layers and dense head)."""
+    from fedsoft import lora  # lazy: torch
+
+    shapes = lora.factor_shapes(model)
+    heads = [int(v.numel()) for v in lora.get_head(model).values()]
+    return payload_bits_fn(cfg, [(s.name, s.d, s.k) for s in shapes], heads)
+
+
+def values_payload_fn(d_plus_k_total: int, q: int) -> Callable[[int, float], float]:
+    """The paper's values-only payload (1 - rho) r (d+k) q of eqs. (6), (29), (39)."""
+    return lambda rank, rho: (1.0 - float(rho)) * int(rank) * d_plus_k_total * q
+
+
 def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
          payload_bits: Callable[[int, float], float] | None = None) -> TSFAPlan:
     """Offline stage for ``strategy = tsfa`` (rank r* from the mean channel, Lemma 2) or the
     user-fixed rank for ``osfa``; then the online controller (eqs. 30-41).
 
-    ``d_plus_k_total`` is sum over adapted layers of d_l + k_l (payload r (d+k) q, eq. 6);
-    ``payload_bits`` (see :func:`payload_bits_fn`) makes the offline stage use the real encoded
-    upload size instead of the values-only count of eq. (29).
+    ``d_plus_k_total`` is sum over adapted layers of d_l + k_l (payload r (d+k) q, eq. 6).
+    ``payload_bits`` (see :func:`payload_bits_fn`, :func:`payload_bits_for_model`) is the real
+    encoded upload size; with ``payload-model = "wire"`` (default) the offline stage, P3 and the
+    predicted latency all use it. Without it (or with ``payload-model = "values"``) they use the
+    values-only count of eq. (29); a warning says so when ``wire`` was asked for.
     """
     with run_config_errors(cfg, CHANNEL_KEYS):
         channel = Channel(channel_config(cfg, num_clients), seed=int(cfg["seed"]))
         _ = channel.noise_w  # an overflowing noise PSD fails here, named as a channel key
+        if not np.all(channel.mean_gains() > 0.0):
+            raise ValueError("full_snr must be > 0: the mean gains underflow to 0")
     with run_config_errors(cfg, BOUND_KEYS):
         bound = bound_constants(cfg)
     with run_config_errors(cfg, (*TSFA_KEYS, *CHANNEL_KEYS)):
         return _plan(cfg, num_clients, d_plus_k_total, payload_bits, channel, bound)
 
 
+def _budget_error(cfg: Mapping[str, Any], min_s: float, dense_s: float, what: str
+                  ) -> ConfigError:
+    mode = str(cfg["latency-budget-mode"])
+    given = float(cfg["latency-budget"])
+    if mode == "dense-fraction":
+        smallest = f"latency-budget = {min_s / dense_s:.6g} (x the nominal dense latency " \
+                   f"{dense_s:.6g} s, i.e. {min_s:.6g} s)"
+    else:
+        smallest = f"latency-budget = {min_s:.6g} s"
+    return ConfigError(
+        f"run-config key 'latency-budget' = {given!r} ('latency-budget-mode' = {mode!r}) is "
+        f"infeasible: {what}; the smallest feasible budget is {smallest}")
+
+
 def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
           payload_bits: Callable[[int, float], float] | None, channel: Channel,
           bound: BoundConstants) -> TSFAPlan:
     k = min(int(cfg["clients-per-round"]), num_clients)
-    common = dict(
-        V=float(cfg["lyapunov-v"]),
-        T_bar=float(cfg["latency-budget"]),
-        d_plus_k_total=d_plus_k_total,
-        channel=channel.config,
-        rho_min=float(cfg["sparsity-min"]),
-        rho_max=float(cfg["sparsity-max"]),
-        solver=str(cfg["p3-solver"]),
-    )
+    q = channel.config.bits_per_value
+    model = str(cfg["payload-model"])
+    if model == "wire" and payload_bits is None:
+        warnings.warn(
+            "payload-model = 'wire' but no payload_bits was given to tsfa_plan.plan: planning "
+            "with the values-only payload (1 - rho) r (d+k) q, which leaves out positions, "
+            "counts and the dense head; pass payload_bits=tsfa_plan.payload_bits_for_model(cfg, "
+            "model)", UserWarning, stacklevel=3)
+        model = "values"
+    bits = payload_bits if model == "wire" and payload_bits is not None else \
+        values_payload_fn(d_plus_k_total, q)
+    rho_min, rho_max = float(cfg["sparsity-min"]), float(cfg["sparsity-max"])
+    nominal = str(cfg["offline-nominal"])
+    _, per_bit = nominal_seconds_per_bit(channel, k, nominal)
+    dense_s = float(bits(int(cfg["lora-rank"]), 0.0)) * per_bit
+    budget = float(cfg["latency-budget"])
+    t_bar = budget * dense_s if cfg["latency-budget-mode"] == "dense-fraction" else budget
     if cfg["strategy"] == "osfa":
         rank = int(cfg["lora-rank"])
-        return TSFAPlan(channel, bound, rank, OSFAController(rank, bound, **common), None)
-    result = choose_rank_for_channel(
-        channel, k, parse_int_list(str(cfg["tsfa-ranks"]), "tsfa-ranks"), bound,
+        floor = float(bits(rank, rho_max)) * per_bit
+        if floor > t_bar:
+            raise _budget_error(cfg, floor, dense_s, f"rank {rank} needs {floor:.6g} s at "
+                                f"sparsity-max = {rho_max!r} on the nominal channel")
+        result = None
+    else:
+        try:
+            result = choose_rank_for_channel(
+                channel, k, parse_int_list(str(cfg["tsfa-ranks"]), "tsfa-ranks"), bound,
+                d_plus_k_total=d_plus_k_total, T_bar=t_bar, rho_min=rho_min, rho_max=rho_max,
+                nominal=nominal,  # type: ignore[arg-type]
+                payload_bits=bits if model == "wire" else None,
+            )
+        except InfeasibleLatencyError as exc:
+            raise _budget_error(cfg, exc.min_budget_s, dense_s, str(exc)) from exc
+        rank = result.r_star
+    start = str(cfg["tsfa-start"])
+    start_rho = (budget_rho(lambda x: bits(rank, x), t_bar, per_bit, rho_min, rho_max)
+                 if start == "budget" else None)
+    controller_cls = OSFAController if result is None else TSFAController
+    controller = controller_cls(
+        rank, bound,
+        V=float(cfg["lyapunov-v"]),
+        T_bar=t_bar,
         d_plus_k_total=d_plus_k_total,
-        T_bar=float(cfg["latency-budget"]),
-        rho_min=float(cfg["sparsity-min"]),
-        rho_max=float(cfg["sparsity-max"]),
-        nominal=str(cfg["offline-nominal"]),
-        payload_bits=payload_bits,
+        channel=channel.config,
+        rho_min=rho_min,
+        rho_max=rho_max,
+        solver=str(cfg["p3-solver"]),  # type: ignore[arg-type]
+        payload_bits=(lambda x: float(bits(rank, x))) if model == "wire" else None,
+        empty_queue_rho=start_rho,
     )
-    controller = TSFAController.from_offline(result, bound, **common)
-    return TSFAPlan(channel, bound, result.r_star, controller, result)
+    return TSFAPlan(channel, bound, rank, controller, result, t_bar, dense_s, start_rho, model)
 
 
 def offline_table(result: OfflineResult) -> list[dict[str, Any]]:

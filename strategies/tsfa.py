@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 
-from fedsoft.channel import Channel, fdma_delays
+from fedsoft.channel import Channel
 from fedsoft.online import Decision, TSFAController
 from fedsoft.sparse_update import (
     SparseSettings,
@@ -28,9 +28,13 @@ class TSFA(SparseLoRAFedAvg):
     The rank is fixed before round 1 (offline stage, :func:`fedsoft.tsfa_plan.plan`). Each
     round the strategy samples K nodes (seeded), draws their Rayleigh CSI from ``channel``,
     lets ``controller`` pick the common sparsification ratio rho_t (P3, eq. 39) and the FDMA
-    bandwidth shares (eq. 41), and sends each node its own ConfigRecord (``sparsity-ratio``,
-    ``bandwidth-share``, ``channel-gain``). After aggregation the realised uplink latency of
-    the round, eq. (6) with the bytes actually received, updates the virtual queue (eq. 30).
+    bandwidth shares (equal finish, eq. 41) on the server's CSI estimate
+    (``Channel.estimate``: the true gains unless ``csi-error`` > 0), and sends each node its
+    own ConfigRecord (``sparsity-ratio``, ``bandwidth-share``, ``channel-gain``). After
+    aggregation the realised uplink latency of the round, eq. (6) with the bytes actually
+    received, the planned shares and the true gains, updates the virtual queue (eq. 30). When
+    the running average latency stays above the budget (``budget_out_of_reach``) a WARNING says
+    so, every 10 rounds while it lasts.
 
     ``node_to_client`` maps Flower node ids to channel client indices (e.g. partition ids from
     a discovery query); unknown nodes get their rank among the connected node ids.
@@ -45,6 +49,7 @@ class TSFA(SparseLoRAFedAvg):
         self._decision: Decision | None = None
         self._round_nodes: list[int] = []
         self._gains: np.ndarray = np.zeros(0)
+        self._est: np.ndarray = np.zeros(0)
         self._slots: dict[int, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -62,8 +67,10 @@ class TSFA(SparseLoRAFedAvg):
     def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
         """Observe the scheduled clients' CSI, solve P3 for rho_t, split the band (eq. 41)."""
         gains_all = self.channel.draw(server_round)
+        est_all = self.channel.estimate(server_round)
         self._round_nodes = list(node_ids)
         self._gains = np.array([gains_all[self._slots[nid]] for nid in node_ids])
+        self._est = np.array([est_all[self._slots[nid]] for nid in node_ids])
         specs = layer_specs(self.global_arrays)
         heads = [int(v.size) for v in head_arrays(self.global_arrays).values()]
         seeded = bool(self.settings.make().positions_from_seed)
@@ -72,7 +79,8 @@ class TSFA(SparseLoRAFedAvg):
             return 8.0 * estimate_payload_bytes(specs, heads, rho, dtype=self.settings.dtype,
                                                 seeded_positions=seeded)
 
-        self._decision = self.controller.step(self._gains, payload_bits)
+        own_model = self.controller.payload_bits is not None  # planned with the wire payload
+        self._decision = self.controller.step(self._est, None if own_model else payload_bits)
         log(INFO, "round %d: %s rho=%.4f Q=%.4f shares=%s", server_round,
             self.controller.mode.upper(), self._decision.rho, self._decision.queue,
             np.round(self._decision.shares, 3).tolist())
@@ -87,7 +95,7 @@ class TSFA(SparseLoRAFedAvg):
         if self._decision is not None and node_id in self._round_nodes:
             i = self._round_nodes.index(node_id)
             cfg["bandwidth-share"] = float(self._decision.shares[i])
-            cfg["channel-gain"] = float(self._gains[i])
+            cfg["channel-gain"] = float(self._est[i])
         return cfg
 
     def aggregate_train(
@@ -101,11 +109,14 @@ class TSFA(SparseLoRAFedAvg):
         if received:
             idx = [i for i, _ in received]
             bits = np.array([8.0 * b for _, b in received])
-            latency = float(np.max(fdma_delays(bits, d.shares[idx], d.spectral_eff[idx],
-                                               self.channel.config.bandwidth_hz)))
+            latency = float(np.max(self.channel.fdma_delays(bits, d.shares[idx],
+                                                            self._gains[idx])))
         else:
             latency = float(d.predicted_latency)
         queue = self.controller.observe(latency)
+        problem = self.controller.budget_out_of_reach()
+        if problem is not None and self.controller.over_budget_rounds % 10 == 5:
+            log(WARNING, "round %d: %s", server_round, problem)
         stats = self.round_stats.setdefault(server_round, {})
         stats.update(
             rank=self.controller.rank,
@@ -116,6 +127,7 @@ class TSFA(SparseLoRAFedAvg):
             latency_budget_s=self.controller.T_bar,
             bandwidth_shares=[float(x) for x in d.shares],
             channel_gains=[float(x) for x in self._gains],
+            channel_gains_planned=[float(x) for x in self._est],
             sparsity=float(d.rho),
         )
         self._decision = None

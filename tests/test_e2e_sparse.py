@@ -46,11 +46,14 @@ def test_tsfa_run_logs_queue_and_keeps_the_latency_budget(tmp_path):
     proc = flwr_run(
         tmp_path / "home",
         f'preset="ci" num-server-rounds=3 local-steps=3 strategy="tsfa" sparsifier="soft" '
-        f'latency-budget=0.05 lyapunov-v=0.001 run-dir="{run_dir}"',
+        f'latency-budget=0.3 lyapunov-v=0.001 run-dir="{run_dir}"',
         num_supernodes=3,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "TSFA offline stage" in proc.stdout
+    snr = json.loads((run_dir / "channel.json").read_text())
+    assert (f"SNR (dB): min {snr['snr_db_min']:.1f} median {snr['snr_db_median']:.1f} max "
+            f"{snr['snr_db_max']:.1f}") in proc.stdout
     rows = read_metrics(run_dir / "metrics.jsonl")[1:]
     offline = json.loads((run_dir / "offline.json").read_text())
     chosen = [r for r in offline if r["chosen"]]

@@ -92,3 +92,31 @@ def test_error_memory_carries_over_rounds():
     # no new local change: what is sent now comes from the memory alone, and is not zero
     assert np.abs(p_with[codec.VALS]).sum() > 0
     assert torch.equal(ef.memory["layer0"], ErrorFeedback.from_arrays(state, "s").memory["layer0"])
+
+
+@pytest.mark.parametrize("shape", ["minilm", "vit"])
+def test_payload_estimate_matches_the_encoded_record(shape):
+    """estimate_payload_bytes (what TSFA plans with) against ArrayRecord.count_bytes() of real
+    codec.encode payloads, over rho: MiniLM-like (12 x 384+384, head 384x10) and ViT-like
+    (8 x 768+768, head 768x100)."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedsoft.codec import LayerSpec, encode
+    from fedsoft.sparse_update import estimate_payload_bytes
+    from fedsoft.sparsifiers import keep_count
+
+    n, dim, heads = (12, 384, [3840, 10]) if shape == "minilm" else (8, 768, [76800, 100])
+    specs = [LayerSpec(f"encoder.layer.{i}.attention.self.query", 8, dim, dim) for i in range(n)]
+    rng = np.random.default_rng(0)
+    for rho in (0.0, 0.5, 0.9, 0.99):
+        layers = []
+        for s in specs:
+            mask = np.zeros(s.size, bool)
+            mask[rng.choice(s.size, keep_count(s.r, s.d, s.k, rho), replace=False)] = True
+            layers.append((s, rng.standard_normal((s.r, s.row_len)).astype(np.float32),
+                           mask.reshape(s.r, s.row_len)))
+        payload = encode(layers, {f"classifier.p{i}": np.zeros(h, np.float32)
+                                  for i, h in enumerate(heads)})
+        real = ArrayRecord({k: Array(v) for k, v in payload.items()}).count_bytes()
+        est = estimate_payload_bytes(specs, heads, rho)
+        assert abs(est / real - 1.0) < 0.02, (rho, est, real)
