@@ -12,8 +12,17 @@
    average), imperfect CSI (csi-error 0, 0.1, 0.3) and the start rule (budget vs dense).
    "Adaptation gain" = 1 - (TSFA's mean sparsification penalty) / (the oracle's at the same
    realised average latency), in %: what per-round adaptation buys over the best fixed rho.
+4. ``--section outage``: the per-round deadline / outage rule (PROPOSED, not in paper A;
+   ``tsfa-deadline = "budget-multiple"``, deadline F x T_bar) on the default log-distance
+   channel without and with 8 dB shadowing, MiniLM shapes, F in {off, 1, 1.5, 2, 3} x V in
+   {0.01, 0.1}, plus csi-error 0.1 at V = 0.01: realised average / median / 99th percentile
+   round latency over T_bar, mean rho, outage rate (scheduled clients that do not upload),
+   late rate (uploads past the deadline, imperfect CSI only; their replies are dropped and the
+   round lasts D) and per-client participation (uploads / times scheduled, min and max over
+   the N clients). Writes outage.json.
 
-Usage: python bench/channel_realism.py [--rounds 5000] [--out docs/data/controller]
+Usage: python bench/channel_realism.py [--rounds 5000] [--section all|outage]
+       [--out docs/data/controller]
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from fedsoft import tsfa_plan
 from fedsoft.bound import sparsification_term
 from fedsoft.channel import Channel, equal_finish
 from fedsoft.config import resolve
+from fedsoft.online import deadline_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -144,13 +154,108 @@ def summarise(res: dict, p, tbar: float) -> dict:
     }
 
 
+FACTORS = (None, 1.0, 1.5, 2.0, 3.0)
+
+
+def run_outage(p, idx: np.ndarray, true: list, est: list) -> dict:
+    """One controller run with the outage rule as the server runs it (realised latency with
+    the true gains, the planned payload, late uploads cut at the deadline)."""
+    ctl, ch = p.controller, p.channel
+    sched = np.zeros(N)
+    uploaded = np.zeros(N)
+    late_total = 0
+    t0 = time.perf_counter()
+    for t, (g_est, g_true) in enumerate(zip(est, true, strict=True)):
+        d = ctl.step(g_est)
+        bits = ctl.bits(d.rho)
+        if d.active is None:  # off: exactly the study's formula (section 3)
+            ctl.observe(bits * float(np.max(ch.fdma_delays(1.0, d.shares, g_true))))
+            on = np.ones(K, dtype=bool)
+        else:
+            a = d.active
+            lat, late = deadline_latency(ch.fdma_delays(bits, d.shares[a], g_true[a]),
+                                         d.deadline_s)
+            ctl.observe(lat)
+            on = a.copy()
+            on[np.flatnonzero(a)[late]] = False
+            late_total += int(late.sum())
+        np.add.at(sched, idx[t], 1.0)
+        np.add.at(uploaded, idx[t][on], 1.0)
+    lat = np.array(ctl.history.latency)
+    part = uploaded[sched > 0] / sched[sched > 0]
+    tbar = ctl.T_bar
+    return {
+        "avg_latency_over_budget": float(lat.mean()) / tbar,
+        "median_latency_over_budget": float(np.median(lat)) / tbar,
+        "p99_latency_over_budget": float(np.quantile(lat, 0.99)) / tbar,
+        "max_latency_over_budget": float(lat.max()) / tbar,
+        "mean_rho": float(np.mean(ctl.history.rho)),
+        "mean_penalty": float(np.mean(sparsification_term(np.array(ctl.history.rho),
+                                                          ctl.bound.p, 0))),
+        "outage_rate": ctl.outage_rate,
+        "late_rate": late_total / float(sched.sum()),
+        "mean_uploads_per_round": float(uploaded.sum()) / len(true),
+        "participation_min": float(part.min()),
+        "participation_max": float(part.max()),
+        "participation_p10": float(np.quantile(part, 0.1)),
+        "participation_by_client": [float(x) for x in uploaded / np.maximum(sched, 1.0)],
+        "Q_end_s": ctl.backlog,
+        "T_bar_s": tbar,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def outage_study(rounds: int, seed: int) -> dict:
+    """Section 4 (module docstring): the outage rule over ``rounds`` controller rounds."""
+    shape = "MiniLM-L6"
+    cases = [(sh, 0.0, v, f) for sh in (0.0, 8.0) for v in (0.01, 0.1) for f in FACTORS]
+    cases += [(0.0, 0.1, 0.01, f) for f in FACTORS]
+    print(f"\n== 4. {shape}: outage rule, {rounds} rounds, log-distance channel")
+    print(f"{'shadow':>6} {'csi':>4} {'V':>5} {'F':>4} {'avg/Tb':>7} {'med/Tb':>7} "
+          f"{'p99/Tb':>7} {'max/Tb':>7} {'rho':>6} {'outage':>7} {'late':>6} "
+          f"{'part min':>8} {'part max':>8}")
+    rows, draw_cache = [], {}
+    for shadow, eps, v, f in cases:
+        over = {"path-loss-model": "log-distance", "shadowing-db": shadow, "csi-error": eps,
+                "lyapunov-v": v, "tsfa-deadline": "off" if f is None else "budget-multiple"}
+        if f is not None:
+            over["tsfa-deadline-factor"] = f
+        p, _ = make_plan(shape, strategy="tsfa", **over)
+        key = (shadow, eps)
+        if key not in draw_cache:
+            draw_cache[key] = draws(p.channel, rounds, seed)
+        idx, true, est = draw_cache[key]
+        r = run_outage(p, idx, true, est)
+        r.update(shadowing_db=shadow, csi_error=eps, V=v, F="off" if f is None else f,
+                 rank=p.rank)
+        rows.append(r)
+        print(f"{shadow:>6.0f} {eps:>4.1f} {v:>5g} {r['F']!s:>4} "
+              f"{r['avg_latency_over_budget']:>7.3f} {r['median_latency_over_budget']:>7.3f} "
+              f"{r['p99_latency_over_budget']:>7.3f} {r['max_latency_over_budget']:>7.2f} "
+              f"{r['mean_rho']:>6.3f} {r['outage_rate']:>7.4f} {r['late_rate']:>6.4f} "
+              f"{r['participation_min']:>8.3f} {r['participation_max']:>8.3f}", flush=True)
+    return {"rounds": rounds, "N": N, "K": K, "seed": seed, "shape": shape,
+            "channel": "log-distance", "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5000)
     ap.add_argument("--vs", default="0.001,0.01,0.1,1,10")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "data" / "controller"))
+    ap.add_argument("--section", choices=("all", "outage"), default="all",
+                    help="all: sections 1-3 (channel_realism.json); outage: section 4 only "
+                         "(outage.json)")
     args = ap.parse_args()
+    if args.section == "outage":
+        dest = Path(args.out)
+        dest.mkdir(parents=True, exist_ok=True)
+        path = dest / "outage.json"
+        path.write_text(json.dumps(outage_study(args.rounds, args.seed), indent=2,
+                                   default=float) + "\n")
+        print(f"\nwrote {path}")
+        return
     vs = [float(v) for v in args.vs.split(",")]
     out: dict = {"rounds": args.rounds, "N": N, "K": K, "seed": args.seed}
 

@@ -46,6 +46,7 @@ __all__ = [
     "PATH_LOSS_MODELS",
     "ChannelConfig",
     "equal_finish",
+    "deadline_admission",
     "share_for_rate",
     "path_loss_db",
     "Channel",
@@ -356,6 +357,45 @@ def equal_finish(full_snr: object, mode: BandwidthNoise = "allocated",
     b = w * share_for_rate(a, y)
     b[~act] = 0.0
     return 1.0 / y, b / b.sum()
+
+
+def deadline_admission(full_snr: object, payload_bits: float, deadline_s: float,
+                       bandwidth_hz: float, mode: BandwidthNoise = "allocated") -> np.ndarray:
+    """PROPOSED (not in paper A): the scheduled clients that can upload by a deadline.
+
+    Returns a boolean mask over ``full_snr`` (a_i = P h_i / (N0 F B_tot), the server's CSI).
+    Client i needs the share b_i(y) that carries y = ``payload_bits`` / (D B_tot) bit/s/Hz
+    (eq. 6 with T_i = D; :func:`share_for_rate` with ``allocated`` noise, y / log2(1 + a_i)
+    with ``total``; infinite when even the whole band is too slow). The clients with the
+    smallest b_i (the strongest channels) are kept while their shares sum to <= 1 (eq. 39c):
+    the largest set whose equal-finish delay (eqs. 27-28, 41, :func:`equal_finish`) is at
+    most D, since the common rate y_A of that set solves sum_A b_i(y_A) = 1 >= sum_A b_i(y), so
+    y_A >= y. The others are in outage. When no client fits, the strongest one is kept (a
+    round always has one upload; it may then exceed D).
+    """
+    a = _as_array("full_snr", full_snr, nonneg=True)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"full_snr must be a non-empty 1-D array, got shape {a.shape}")
+    bits = _check_real("payload_bits", payload_bits)
+    if bits < 0.0:
+        raise ValueError(f"payload_bits must be >= 0, got {payload_bits!r}")
+    d = _check_positive("deadline_s", deadline_s)
+    y = bits / (d * _check_positive("bandwidth_hz", bandwidth_hz))
+    if mode == "allocated":
+        need = share_for_rate(a, np.full(a.shape, y))
+    elif mode == "total":
+        gam = np.log2(1.0 + a)
+        with np.errstate(divide="ignore"):
+            need = np.where(gam > 0.0, y / np.where(gam > 0.0, gam, 1.0), np.inf)
+    else:
+        raise ValueError(f"bandwidth_noise must be one of {BANDWIDTH_NOISE}, got {mode!r}")
+    order = np.argsort(need, kind="stable")
+    fits = np.cumsum(need[order]) <= 1.0
+    keep = np.zeros(a.shape, dtype=bool)
+    keep[order[fits]] = True
+    if not keep.any():
+        keep[int(np.argmax(a))] = True
+    return keep
 
 
 class Channel:

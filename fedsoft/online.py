@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from fedsoft.bound import BoundConstants
-from fedsoft.channel import ChannelConfig, equal_finish, round_delay
+from fedsoft.channel import ChannelConfig, deadline_admission, equal_finish, round_delay
 from fedsoft.checks import nonneg as _nonneg
 from fedsoft.checks import pos_int as _pos_int
 from fedsoft.checks import positive as _positive
@@ -30,6 +30,8 @@ __all__ = [
     "solve_p3_closed_form",
     "solve_p3_cvxpy",
     "solve_p3_payload",
+    "deadline_latency",
+    "DEADLINE_RTOL",
     "P3Problem",
     "Decision",
     "TSFAController",
@@ -37,6 +39,7 @@ __all__ = [
 ]
 
 Solver = Literal["cvxpy", "bisection", "closed_form"]
+DEADLINE_RTOL = 1e-9  # relative slack of the deadline test (rounding of the shares, eq. 39c)
 
 
 class P3SolverError(RuntimeError):
@@ -325,9 +328,32 @@ def solve_p3_payload(
     return min(max(best_x, lo), hi)
 
 
+def deadline_latency(delays: object, deadline_s: float) -> tuple[float, np.ndarray]:
+    """PROPOSED (not in paper A): realised round latency under a deadline, and who was late.
+
+    ``delays`` are the true upload delays (eq. 6, true gains) of the clients that uploaded. A
+    client slower than ``deadline_s`` (x (1 + ``DEADLINE_RTOL``)) is late: the server stops
+    waiting at the deadline and drops its reply, so the round lasts exactly D; otherwise it
+    lasts max_i T_i (<= D). With perfect CSI and the outage rule of
+    :class:`TSFAController` no client is late. ``deadline_s`` = inf gives max_i T_i (no rule).
+    """
+    d = np.asarray(delays, dtype=np.float64)
+    dl = float(deadline_s)
+    late = d > dl * (1.0 + DEADLINE_RTOL)
+    if late.any():
+        return dl, late
+    return (float(d.max()) if d.size else 0.0), late
+
+
 @dataclass(frozen=True)
 class Decision:
-    """Per-round output of the online stage (A.11 'one TSFA round')."""
+    """Per-round output of the online stage (A.11 'one TSFA round').
+
+    With the outage rule (PROPOSED) ``active`` marks the scheduled clients that upload (the
+    others have share 0 and spectral efficiency 0), ``outage`` counts the others and
+    ``deadline_s`` is D = F T_bar; without it ``active`` is None (everyone), ``outage`` 0 and
+    ``deadline_s`` inf.
+    """
 
     round: int
     rho: float
@@ -339,6 +365,9 @@ class Decision:
     payload_bits: float | np.ndarray
     queue: float
     objective: float
+    active: np.ndarray | None = None
+    outage: int = 0
+    deadline_s: float = math.inf
 
 
 @dataclass
@@ -369,6 +398,20 @@ class TSFAController:
     that meets T_bar on the nominal channel, offline eq. 29 / Lemma 2); None keeps rho_min
     (``"dense"``, P3 as written).
 
+    Outage rule (PROPOSED, not in paper A; ``deadline_factor`` F, None = off, paper A as
+    written): P3 is solved for all K scheduled clients as above, giving rho^t; then every
+    client whose upload bits(rho^t) cannot finish within D = F T_bar with its equal-finish
+    share among the clients that remain (:func:`fedsoft.channel.deadline_admission`: the
+    weakest channels go first, a client that misses D even with the whole band always goes)
+    is in outage: it does not upload this round and its band goes to the others. P3 and the
+    shares are then re-solved for the remaining set A (S^t over A, eqs. 39 and 41) and rho^t is
+    raised, if needed, to the smallest ratio whose equal-finish delay over A is within D. With
+    perfect CSI every round then lasts at most D (a round where no client fits keeps the
+    strongest one and may exceed D). The FedAvg of eq. (5) then averages over A only, so the
+    global model leans toward clients with good channels this round (a participation bias
+    paper A's random K-of-N scheduling does not have). With imperfect CSI the decision uses
+    the estimate; :func:`deadline_latency` says what the realised round costs.
+
     Args:
         rank: r* from the offline stage (``from_offline``) or a user-fixed rank (OSFA).
         bound: surrogate constants of Phi (A.8); only kappa_E and p shape rho^t.
@@ -381,6 +424,7 @@ class TSFAController:
         initial_rho: ratio of round 0 only (overrides ``empty_queue_rho`` there).
         payload_bits: rho -> bits of one client's encoded upload (None = values only).
         empty_queue_rho: ratio sent when Q(t) = 0 (None = rho_min).
+        deadline_factor: F of the outage rule, deadline D = F T_bar (None = no rule).
     """
 
     mode: str = "tsfa"
@@ -400,6 +444,7 @@ class TSFAController:
         initial_rho: float | None = None,
         payload_bits: Callable[[float], float] | None = None,
         empty_queue_rho: float | None = None,
+        deadline_factor: float | None = None,
     ) -> None:
         if not isinstance(bound, BoundConstants):
             raise TypeError(f"bound must be a BoundConstants, got {type(bound).__name__}")
@@ -425,6 +470,8 @@ class TSFAController:
         self.empty_queue_rho = None if empty_queue_rho is None else self._clip(
             _real("empty_queue_rho", empty_queue_rho))
         self.payload_bits = payload_bits
+        self.deadline_factor = None if deadline_factor is None else _positive(
+            "deadline_factor", deadline_factor)
         self._grid = np.linspace(self.rho_min, self.rho_max, 513)
         self._grid_bits = (None if payload_bits is None else
                            np.array([float(payload_bits(float(x))) for x in self._grid]))
@@ -435,6 +482,8 @@ class TSFAController:
         self._rho_sum = 0.0
         self._floor_sum = 0.0  # sum of the predicted latency at rho_max (reachability check)
         self.over_budget_rounds = 0  # consecutive observed rounds with average above budget
+        self.outage_total = 0  # scheduled clients in outage over observed rounds
+        self.scheduled_total = 0  # scheduled clients over observed rounds
 
     def _clip(self, rho: float) -> float:
         return min(max(rho, self.rho_min), self.rho_max)
@@ -482,6 +531,16 @@ class TSFAController:
         """Time-average of the predicted latency at rho_max: the smallest average latency this
         rank could have had on the observed channels (compare with T_bar)."""
         return self._floor_sum / self._round if self._round else 0.0
+
+    @property
+    def deadline_s(self) -> float:
+        """Round deadline D = F T_bar of the outage rule in s (inf when the rule is off)."""
+        return math.inf if self.deadline_factor is None else self.deadline_factor * self.T_bar
+
+    @property
+    def outage_rate(self) -> float:
+        """Fraction of scheduled clients in outage over the observed rounds."""
+        return self.outage_total / self.scheduled_total if self.scheduled_total else 0.0
 
     def latency_scale(self, inv_gamma_sum: float) -> float:
         """c = r (d+k) q S^t / B_tot, so the values-only latency is T^t = (1 - rho) c (eq. 39)."""
@@ -536,12 +595,11 @@ class TSFAController:
         gam = self.channel.spectral_eff_at(h, shares)
         c = self.latency_scale(s)
         q_now = self.queue.value
-        if self._round == 0 and self.initial_rho is not None:
-            rho = self.initial_rho  # offline stage's rho*(r*) as the initial ratio (A.10)
-        elif q_now <= 0.0 and self.empty_queue_rho is not None:
-            rho = self.empty_queue_rho  # tsfa-start = "budget": no dense round on an empty queue
-        else:
-            rho = self._solve(c, s)
+        rho = self._choose_rho(c, s)
+        active: np.ndarray | None = None
+        if self.deadline_factor is not None:
+            rho, s, shares, gam, active = self._outage(h, snr, rho, s, shares, gam)
+            c = self.latency_scale(s)
         model_t = (1.0 - rho) * c
         per_bit = s / self.channel.bandwidth_hz
         if payload_bits_fn is None:
@@ -550,14 +608,57 @@ class TSFAController:
         else:
             raw = payload_bits_fn(rho)
             bits = float(raw) if np.ndim(raw) == 0 else np.asarray(raw, dtype=np.float64)
-            predicted = round_delay(bits, shares, gam, self.channel.bandwidth_hz)
+            sel = slice(None) if active is None else active
+            predicted = round_delay(bits if np.ndim(bits) == 0 else bits[sel], shares[sel],
+                                    gam[sel], self.channel.bandwidth_hz)
         self._last_floor = self.bits(self.rho_max) * per_bit
         pred_model = self.bits(rho) * per_bit
         obj = float(self.V * self.bound.value(self.rank, rho) + q_now * pred_model)
+        outage = 0 if active is None else int(h.size - active.sum())
         self._pending = Decision(
-            self._round, rho, shares, gam, s, model_t, predicted, bits, q_now, obj
+            self._round, rho, shares, gam, s, model_t, predicted, bits, q_now, obj,
+            active, outage, self.deadline_s,
         )
         return self._pending
+
+    def _choose_rho(self, c: float, s: float) -> float:
+        """rho^t: the initial ratio, the empty-queue rule or P3 (39) for this S^t."""
+        if self._round == 0 and self.initial_rho is not None:
+            return self.initial_rho  # offline stage's rho*(r*) as the initial ratio (A.10)
+        if self.queue.value <= 0.0 and self.empty_queue_rho is not None:
+            return self.empty_queue_rho  # tsfa-start = "budget": no dense round on empty queue
+        return self._solve(c, s)
+
+    def _deadline_rho(self, per_bit: float, rho: float) -> float:
+        """Smallest ratio in [rho, rho_max] with bits(ratio) x per_bit <= D (bits
+        non-increasing in rho); rho_max when none fits."""
+        dl = self.deadline_s * (1.0 + DEADLINE_RTOL)
+        if self.bits(rho) * per_bit <= dl:
+            return rho
+        if self.bits(self.rho_max) * per_bit > dl:
+            return self.rho_max
+        lo, hi = rho, self.rho_max
+        while hi - lo > 1e-12:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if self.bits(mid) * per_bit <= dl else (mid, hi)
+        return hi
+
+    def _outage(self, h: np.ndarray, snr: np.ndarray, rho: float, s: float,
+                shares: np.ndarray, gam: np.ndarray
+                ) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
+        """The outage rule (PROPOSED, class docstring): (rho, S, shares, Gamma, active)."""
+        cfg = self.channel
+        active = deadline_admission(snr, self.bits(rho), self.deadline_s, cfg.bandwidth_hz,
+                                    cfg.bandwidth_noise)
+        if not active.all():
+            s, sub = equal_finish(snr[active], cfg.bandwidth_noise)
+            shares = np.zeros(h.size)
+            shares[active] = sub
+            gam = np.zeros(h.size)
+            gam[active] = cfg.spectral_eff_at(h[active], sub)
+            rho = self._choose_rho(self.latency_scale(s), s)  # P3 (39) re-solved over A
+        rho = self._deadline_rho(s / cfg.bandwidth_hz, rho)
+        return rho, s, shares, gam, active
 
     def observe(self, latency: float | None = None) -> float:
         """Update Q with the realised round latency (eq. 30); None uses the predicted one."""
@@ -571,6 +672,8 @@ class TSFAController:
         self._latency_sum += t
         self._rho_sum += self._pending.rho
         self._floor_sum += self._last_floor
+        self.outage_total += self._pending.outage
+        self.scheduled_total += int(self._pending.shares.size)
         self._round += 1
         self.over_budget_rounds = (self.over_budget_rounds + 1
                                    if self.average_latency > self.T_bar else 0)
@@ -595,6 +698,7 @@ class TSFAController:
         return {"queue": self.queue.value, "round": self._round,
                 "latency_sum": self._latency_sum, "rho_sum": self._rho_sum,
                 "floor_sum": self._floor_sum, "over_budget_rounds": self.over_budget_rounds,
+                "outage_total": self.outage_total, "scheduled_total": self.scheduled_total,
                 "rho": list(self.history.rho), "latency": list(self.history.latency),
                 "queue_history": list(self.history.queue)}
 
@@ -607,6 +711,8 @@ class TSFAController:
             self._rho_sum = float(state["rho_sum"])
             self._floor_sum = float(state.get("floor_sum", 0.0))
             self.over_budget_rounds = int(state.get("over_budget_rounds", 0))
+            self.outage_total = int(state.get("outage_total", 0))
+            self.scheduled_total = int(state.get("scheduled_total", 0))
             self.history = _History([float(x) for x in state["rho"]],
                                     [float(x) for x in state["latency"]],
                                     [float(x) for x in state["queue_history"]])

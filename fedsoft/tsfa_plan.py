@@ -38,7 +38,7 @@ BOUND_KEYS = ("bound-kappa-r", "bound-kappa-s", "bound-kappa-c", "bound-kappa-e"
               "bound-calibration")
 TSFA_KEYS = ("latency-budget", "latency-budget-mode", "lyapunov-v", "sparsity-min",
              "sparsity-max", "tsfa-ranks", "p3-solver", "offline-nominal", "lora-rank",
-             "tsfa-start", "payload-model")
+             "tsfa-start", "payload-model", "tsfa-deadline", "tsfa-deadline-factor")
 
 # argument names of the channel, bound, offline, online and wall-clock modules -> run-config keys
 INTERNAL_NAMES: dict[str, tuple[str, ...]] = {
@@ -46,6 +46,7 @@ INTERNAL_NAMES: dict[str, tuple[str, ...]] = {
     "V": ("lyapunov-v",),
     "rho_min": ("sparsity-min",),
     "rho_max": ("sparsity-max",),
+    "deadline_factor": ("tsfa-deadline-factor",),
     "min_distance_m": ("channel-distance-min",),
     "max_distance_m": ("channel-distance-max",),
     "path_loss_exponent": ("path-loss-exponent",),
@@ -345,6 +346,8 @@ def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
         solver=str(cfg["p3-solver"]),  # type: ignore[arg-type]
         payload_bits=(lambda x: float(bits(rank, x))) if model == "wire" else None,
         empty_queue_rho=start_rho,
+        deadline_factor=(float(cfg["tsfa-deadline-factor"])
+                         if cfg["tsfa-deadline"] == "budget-multiple" else None),
     )
     return TSFAPlan(channel, bound, rank, controller, result, t_bar, dense_s, start_rho, model)
 

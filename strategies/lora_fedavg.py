@@ -192,8 +192,13 @@ class LoRAFedAvg(FedAvg):
         return sorted(node_ids, key=lambda n: (n not in self.node_to_client,
                                                self.node_to_client.get(n, 0), n))
 
-    def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
-        """Hook after sampling, before messages are built (TSFA decides rho and bandwidth)."""
+    def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]
+                      ) -> list[int] | None:
+        """Hook after sampling, before messages are built (TSFA decides rho and bandwidth).
+
+        Returns the nodes that get a training message this round (a subset of ``node_ids``,
+        e.g. TSFA's outage rule leaves out clients in a deep fade), or None for all of them."""
+        return None
 
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """Per-node ConfigRecord; subclasses add their per-node values (ratio, bandwidth)."""
@@ -211,7 +216,8 @@ class LoRAFedAvg(FedAvg):
         self.round_stats[server_round] = {"num_available": len(all_ids), "sampled": node_ids}
         self._round_t0 = time.perf_counter()
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(node_ids), len(all_ids))
-        self.prepare_round(server_round, node_ids, all_ids)
+        chosen = self.prepare_round(server_round, node_ids, all_ids)
+        send = node_ids if chosen is None else [nid for nid in node_ids if nid in set(chosen)]
         return [
             Message(
                 content=RecordDict(
@@ -222,7 +228,7 @@ class LoRAFedAvg(FedAvg):
                 dst_node_id=nid,
                 group_id=str(server_round),
             )
-            for nid in node_ids
+            for nid in send
         ]
 
     # -- aggregation ----------------------------------------------------------------------

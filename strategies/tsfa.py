@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 
 from fedsoft.channel import Channel
-from fedsoft.online import Decision, TSFAController
+from fedsoft.online import Decision, TSFAController, deadline_latency
 from fedsoft.sparse_update import (
     SparseSettings,
     estimate_payload_bytes,
@@ -35,6 +35,14 @@ class TSFA(SparseLoRAFedAvg):
     received, the planned shares and the true gains, updates the virtual queue (eq. 30). When
     the running average latency stays above the budget (``budget_out_of_reach``) a WARNING says
     so, every 10 rounds while it lasts.
+
+    Outage rule (PROPOSED, not in paper A; ``tsfa-deadline = "budget-multiple"``, the
+    controller's ``deadline_factor`` F): :meth:`prepare_round` returns only the scheduled nodes
+    that can upload within D = F T_bar on the server's CSI (:class:`TSFAController`); the
+    others get no message this round (share 0, counted in the metric ``outage``), and eq. (5)
+    averages over the nodes that upload, which favours good channels. With imperfect CSI a
+    node whose true rate misses D for its planned payload is late: the server stops waiting
+    at D and drops its reply (metric ``late``, also in ``dropped``), and the round lasts D.
 
     ``node_to_client`` maps Flower node ids to channel client indices (e.g. partition ids from
     a discovery query); unknown nodes get their rank among the connected node ids.
@@ -64,8 +72,10 @@ class TSFA(SparseLoRAFedAvg):
         self._slots = self.client_slots(all_ids, self.channel.config.num_clients)
         return [nid for nid in all_ids if nid in self._slots]
 
-    def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]) -> None:
-        """Observe the scheduled clients' CSI, solve P3 for rho_t, split the band (eq. 41)."""
+    def prepare_round(self, server_round: int, node_ids: list[int], all_ids: list[int]
+                      ) -> list[int]:
+        """Observe the scheduled clients' CSI, solve P3 for rho_t, split the band (eq. 41);
+        returns the nodes that upload (all of them unless the outage rule drops some)."""
         gains_all = self.channel.draw(server_round)
         est_all = self.channel.estimate(server_round)
         self._round_nodes = list(node_ids)
@@ -81,9 +91,13 @@ class TSFA(SparseLoRAFedAvg):
 
         own_model = self.controller.payload_bits is not None  # planned with the wire payload
         self._decision = self.controller.step(self._est, None if own_model else payload_bits)
-        log(INFO, "round %d: %s rho=%.4f Q=%.4f shares=%s", server_round,
-            self.controller.mode.upper(), self._decision.rho, self._decision.queue,
-            np.round(self._decision.shares, 3).tolist())
+        d = self._decision
+        log(INFO, "round %d: %s rho=%.4f Q=%.4f shares=%s%s", server_round,
+            self.controller.mode.upper(), d.rho, d.queue, np.round(d.shares, 3).tolist(),
+            f" outage={d.outage}" if d.active is not None else "")
+        if d.active is None:
+            return list(node_ids)
+        return [nid for nid, on in zip(node_ids, d.active, strict=True) if on]
 
     def round_settings(self, server_round: int, node_id: int) -> SparseSettings:
         if self._decision is None:
@@ -101,23 +115,48 @@ class TSFA(SparseLoRAFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        out = super().aggregate_train(server_round, replies)
         d = self._decision
         assert d is not None, "aggregate_train without configure_train"
+        late_nodes: set[int] = set()
+        if d.active is not None:  # outage rule: who misses the deadline on the true channel
+            idx = np.flatnonzero(d.active)
+            bits = d.payload_bits if np.ndim(d.payload_bits) == 0 else \
+                np.asarray(d.payload_bits)[idx]
+            _, late = deadline_latency(
+                self.channel.fdma_delays(bits, d.shares[idx], self._gains[idx]), d.deadline_s)
+            late_nodes = {self._round_nodes[i] for i in idx[late]}
+            replies = list(replies)
+            on_time = [m for m in replies if m.metadata.src_node_id not in late_nodes]
+            late_nodes &= {m.metadata.src_node_id for m in replies if not m.has_error()}
+            replies = on_time
+        out = super().aggregate_train(server_round, replies)
         received = [(i, self.reply_bytes[n]) for i, n in enumerate(self._round_nodes)
                     if n in self.reply_bytes]
         if received:
-            idx = [i for i, _ in received]
-            bits = np.array([8.0 * b for _, b in received])
-            latency = float(np.max(self.channel.fdma_delays(bits, d.shares[idx],
-                                                            self._gains[idx])))
+            idx_r = [i for i, _ in received]
+            bits_r = np.array([8.0 * b for _, b in received])
+            latency = float(np.max(self.channel.fdma_delays(bits_r, d.shares[idx_r],
+                                                            self._gains[idx_r])))
         else:
             latency = float(d.predicted_latency)
+        if d.active is not None:
+            latency = d.deadline_s if late_nodes else min(latency, d.deadline_s)
         queue = self.controller.observe(latency)
         problem = self.controller.budget_out_of_reach()
         if problem is not None and self.controller.over_budget_rounds % 10 == 5:
             log(WARNING, "round %d: %s", server_round, problem)
         stats = self.round_stats.setdefault(server_round, {})
+        if late_nodes:
+            reasons = [f"node {n}: late: true upload delay over the deadline "
+                       f"{d.deadline_s:.4g} s (CSI error), reply dropped"
+                       for n in sorted(late_nodes)]
+            for reason in reasons:
+                log(WARNING, "round %d: dropped reply of %s", server_round, reason)
+            stats["dropped"] = int(stats.get("dropped", 0)) + len(reasons)
+            stats["dropped_reasons"] = list(stats.get("dropped_reasons", [])) + reasons
+        if d.active is not None:
+            stats.update(outage=d.outage, late=len(late_nodes),
+                         latency_deadline_s=d.deadline_s)
         stats.update(
             rank=self.controller.rank,
             queue=queue,
