@@ -351,7 +351,8 @@ class Decision:
 
     With the outage rule (PROPOSED) ``active`` marks the scheduled clients that upload (the
     others have share 0 and spectral efficiency 0), ``outage`` counts the others and
-    ``deadline_s`` is D = F T_bar; without it ``active`` is None (everyone), ``outage`` 0 and
+    ``deadline_s`` is the round's deadline D = F T_bar (longer only in a round where no client
+    fits: then the strongest client's predicted delay); without it ``active`` is None (everyone), ``outage`` 0 and
     ``deadline_s`` inf.
     """
 
@@ -407,7 +408,8 @@ class TSFAController:
     shares are then re-solved for the remaining set A (S^t over A, eqs. 39 and 41) and rho^t is
     raised, if needed, to the smallest ratio whose equal-finish delay over A is within D. With
     perfect CSI every round then lasts at most D (a round where no client fits keeps the
-    strongest one and may exceed D). The FedAvg of eq. (5) then averages over A only, so the
+    strongest one at the smallest ratio that comes closest, and that round's deadline, in
+    ``Decision.deadline_s``, becomes its predicted delay). The FedAvg of eq. (5) then averages over A only, so the
     global model leans toward clients with good channels this round (a participation bias
     paper A's random K-of-N scheduling does not have). With imperfect CSI the decision uses
     the estimate; :func:`deadline_latency` says what the realised round costs.
@@ -598,7 +600,8 @@ class TSFAController:
         rho = self._choose_rho(c, s)
         active: np.ndarray | None = None
         if self.deadline_factor is not None:
-            rho, s, shares, gam, active = self._outage(h, snr, rho, s, shares, gam)
+            rho, s, shares, gam, active = self._outage(h, snr, rho, s, shares, gam,
+                                                       payload_bits_fn)
             c = self.latency_scale(s)
         model_t = (1.0 - rho) * c
         per_bit = s / self.channel.bandwidth_hz
@@ -615,9 +618,12 @@ class TSFAController:
         pred_model = self.bits(rho) * per_bit
         obj = float(self.V * self.bound.value(self.rank, rho) + q_now * pred_model)
         outage = 0 if active is None else int(h.size - active.sum())
+        deadline = self.deadline_s
+        if active is not None and predicted > deadline * (1.0 + DEADLINE_RTOL):
+            deadline = predicted  # no client fits: the round waits for the strongest one
         self._pending = Decision(
             self._round, rho, shares, gam, s, model_t, predicted, bits, q_now, obj,
-            active, outage, self.deadline_s,
+            active, outage, deadline,
         )
         return self._pending
 
@@ -629,26 +635,37 @@ class TSFAController:
             return self.empty_queue_rho  # tsfa-start = "budget": no dense round on empty queue
         return self._solve(c, s)
 
-    def _deadline_rho(self, per_bit: float, rho: float) -> float:
+    def _deadline_rho(self, bits: Callable[[float], float], per_bit: float, rho: float
+                      ) -> float:
         """Smallest ratio in [rho, rho_max] with bits(ratio) x per_bit <= D (bits
         non-increasing in rho); rho_max when none fits."""
         dl = self.deadline_s * (1.0 + DEADLINE_RTOL)
-        if self.bits(rho) * per_bit <= dl:
+        if bits(rho) * per_bit <= dl:
             return rho
-        if self.bits(self.rho_max) * per_bit > dl:
+        if bits(self.rho_max) * per_bit > dl:
             return self.rho_max
         lo, hi = rho, self.rho_max
         while hi - lo > 1e-12:
             mid = 0.5 * (lo + hi)
-            lo, hi = (lo, mid) if self.bits(mid) * per_bit <= dl else (mid, hi)
+            lo, hi = (lo, mid) if bits(mid) * per_bit <= dl else (mid, hi)
         return hi
 
     def _outage(self, h: np.ndarray, snr: np.ndarray, rho: float, s: float,
-                shares: np.ndarray, gam: np.ndarray
+                shares: np.ndarray, gam: np.ndarray,
+                payload_bits_fn: Callable[[float], float | np.ndarray] | None = None,
                 ) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
-        """The outage rule (PROPOSED, class docstring): (rho, S, shares, Gamma, active)."""
+        """The outage rule (PROPOSED, class docstring): (rho, S, shares, Gamma, active).
+
+        The deadline test uses the payload the round's latency is predicted with
+        (``payload_bits_fn`` when given, its largest client; else the controller's model)."""
         cfg = self.channel
-        active = deadline_admission(snr, self.bits(rho), self.deadline_s, cfg.bandwidth_hz,
+
+        def bits(x: float) -> float:
+            if payload_bits_fn is None:
+                return self.bits(x)
+            return float(np.max(payload_bits_fn(x)))
+
+        active = deadline_admission(snr, bits(rho), self.deadline_s, cfg.bandwidth_hz,
                                     cfg.bandwidth_noise)
         if not active.all():
             s, sub = equal_finish(snr[active], cfg.bandwidth_noise)
@@ -657,7 +674,7 @@ class TSFAController:
             gam = np.zeros(h.size)
             gam[active] = cfg.spectral_eff_at(h[active], sub)
             rho = self._choose_rho(self.latency_scale(s), s)  # P3 (39) re-solved over A
-        rho = self._deadline_rho(s / cfg.bandwidth_hz, rho)
+        rho = self._deadline_rho(bits, s / cfg.bandwidth_hz, rho)
         return rho, s, shares, gam, active
 
     def observe(self, latency: float | None = None) -> float:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fedsoft.channel import (
     Channel,
     ChannelConfig,
+    deadline_admission,
     equal_finish,
     fdma_delays,
     model_payload_bits,
@@ -265,3 +266,31 @@ def test_imperfect_csi_estimate() -> None:
     ratio = est / noisy.mean_gains()
     assert abs(ratio.mean() - (1 + eps**2)) < 5 * (1 + eps**2) / np.sqrt(ratio.size)
     assert np.median(np.abs(est / true - 1.0)) > 0.05  # the server plans on other gains
+
+
+@pytest.mark.parametrize("mode", ["allocated", "total"])
+def test_deadline_admission_drops_deep_fades_and_the_rest_meet_the_deadline(mode) -> None:
+    """PROPOSED outage rule: a -30 dB fade cannot make the deadline; the kept clients' equal-
+    finish delay (eqs. 27-28, 41) is within it, and adding back the weakest dropped one breaks
+    it (the kept set is the largest one)."""
+    cfg = ChannelConfig(bandwidth_noise=mode)
+    ch = Channel(cfg, seed=0)
+    gains = ch.mean_gains()[:10].copy()
+    gains[3] *= 1e-3  # a deep fade
+    a = cfg.full_band_snr(gains)
+    bits = 1.0e6
+    s_all, _ = equal_finish(a, mode)
+    deadline = 0.5 * bits * s_all / cfg.bandwidth_hz  # half of everyone's equal-finish delay
+    keep = deadline_admission(a, bits, deadline, cfg.bandwidth_hz, mode)
+    assert not keep[3] and 0 < keep.sum() < 10
+    s_kept, b = equal_finish(a[keep], mode)
+    assert b.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.max(ch.fdma_delays(bits, b, gains[keep])) <= deadline * (1 + 1e-9)
+    weakest_out = np.flatnonzero(~keep)[np.argmax(a[~keep])]
+    more = keep.copy()
+    more[weakest_out] = True
+    assert bits * equal_finish(a[more], mode)[0] / cfg.bandwidth_hz > deadline
+    # a generous deadline keeps everyone; an impossible one keeps only the strongest client
+    assert deadline_admission(a, bits, 1e3 * deadline, cfg.bandwidth_hz, mode).all()
+    only = deadline_admission(a, bits, 1e-9, cfg.bandwidth_hz, mode)
+    assert only.sum() == 1 and only[np.argmax(a)]

@@ -114,7 +114,8 @@ def test_no_valid_reply_leaves_global_unchanged():
 
 
 def _tsfa(strategy="tsfa", **over):
-    cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft", clients_per_round=3, **over)
+    cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft", clients_per_round=3)
+    cfg.update({"tsfa-deadline": "off", **over})
     cfg["clients-per-round"] = 3
     cfg["latency-budget-mode"] = "absolute"  # the tests give T_bar in seconds
     cfg["payload-model"] = "values"  # fake 2-layer arrays: the values-only payload of eq. (6)
@@ -154,6 +155,36 @@ def test_tsfa_sends_each_node_its_share_and_updates_the_queue():
         queue_before = st["queue"]
     # an impossible budget builds a backlog, which raises the ratio in the next round
     assert s.round_stats[2]["sparsity"] > s.round_stats[1]["sparsity"]
+
+
+def test_tsfa_outage_rule_messages_only_the_nodes_that_can_meet_the_deadline():
+    """PROPOSED outage rule (tsfa-deadline = budget-multiple, F = 1): nodes in outage get no
+    message and share 0, the others split the whole band, the round lasts at most the
+    deadline (perfect CSI: nobody late) and ``outage`` counts the left-out nodes."""
+    p, cfg = _tsfa(**{"latency-budget": 1e-2, "lyapunov-v": 1e-9,
+                      "tsfa-deadline": "budget-multiple", "tsfa-deadline-factor": 1.0})
+    assert p.controller.deadline_factor == 1.0
+    glob = _arrays(0)
+    s = TSFA(3, SparseSettings("soft", 0.0), controller=p.controller, channel=p.channel, seed=0)
+    outages = []
+    for rnd in (1, 2, 3):
+        msgs, st = _tsfa_round(s, rnd, glob, cfg, FakeGrid([5, 6, 7, 8, 9]))
+        sent = [m.metadata.dst_node_id for m in msgs]
+        shares = dict(zip(st["sampled"], st["bandwidth_shares"], strict=True))
+        assert len(sent) == 3 - st["outage"] and st["num_clients"] == len(sent)
+        assert sorted(n for n, b in shares.items() if b > 0) == sorted(sent)
+        assert sum(m.content["config"]["bandwidth-share"] for m in msgs) == pytest.approx(1.0)
+        assert st["late"] == 0 and st["dropped"] == 0
+        assert st["latency_s"] <= st["latency_deadline_s"] == pytest.approx(1e-2)
+        outages.append(st["outage"])
+    assert sum(outages) > 0 and p.controller.outage_total == sum(outages)
+
+
+def test_tsfa_outage_off_messages_every_sampled_node():
+    p, cfg = _tsfa(**{"latency-budget": 1e-2, "lyapunov-v": 1e-9})
+    s = TSFA(3, SparseSettings("soft", 0.0), controller=p.controller, channel=p.channel, seed=0)
+    msgs, st = _tsfa_round(s, 1, _arrays(0), cfg, FakeGrid([5, 6, 7, 8, 9]))
+    assert len(msgs) == 3 and "outage" not in st and p.controller.deadline_factor is None
 
 
 def test_message_type_is_train():

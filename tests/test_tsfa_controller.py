@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -616,3 +617,104 @@ def test_values_payload_model_reproduces_eq29() -> None:
         expect = rho_star(r, d_plus_k_total=12 * 768, q=32, T_bar=0.15, bandwidth_hz=1e6,
                           inv_gamma_sum=s)
         assert row.rho == pytest.approx(expect, abs=1e-12)
+
+
+# ------------------------------------------------- outage rule (PROPOSED, not in paper A)
+
+
+def _outage_setup(factor: float | None, **kw: object) -> tuple[TSFAController, Channel]:
+    """Controller on the default log-distance channel, T_bar = half the nominal dense round of
+    the first K clients (values-only payload), deadline factor ``factor``."""
+    from fedsoft.channel import equal_finish
+
+    cfg = ChannelConfig()
+    ch = Channel(cfg, seed=0)
+    s, _ = equal_finish(cfg.full_band_snr(ch.mean_gains()[:K]), cfg.bandwidth_noise)
+    t_bar = 0.5 * 8 * DK * cfg.bits_per_value * s / cfg.bandwidth_hz
+    ctl = TSFAController(8, BoundConstants(), V=0.01, T_bar=t_bar, d_plus_k_total=DK,
+                         channel=cfg, solver="bisection", deadline_factor=factor,
+                         empty_queue_rho=0.5, **kw)  # type: ignore[arg-type]
+    return ctl, ch
+
+
+def test_outage_drops_a_deep_fade_and_the_round_meets_the_deadline() -> None:
+    from fedsoft.online import deadline_latency
+
+    gains = Channel(ChannelConfig(), seed=0).mean_gains()[:K].copy()
+    gains[2] *= 1e-4  # a -40 dB fade
+    off, ch = _outage_setup(None)
+    d_off = off.step(gains)
+    lat_off = off.bits(d_off.rho) * float(np.max(ch.fdma_delays(1.0, d_off.shares, gains)))
+    ctl, _ = _outage_setup(2.0)
+    d = ctl.step(gains)
+    dl = 2.0 * ctl.T_bar
+    assert d.deadline_s == ctl.deadline_s == pytest.approx(dl)
+    assert lat_off > dl  # paper A waits for the fade: far over the deadline
+    assert d.active is not None and not d.active[2] and d.outage == K - int(d.active.sum()) >= 1
+    assert np.all(d.shares[~d.active] == 0.0) and d.shares.sum() == pytest.approx(1.0, abs=1e-12)
+    delays = ch.fdma_delays(ctl.bits(d.rho), d.shares[d.active], gains[d.active])
+    latency, late = deadline_latency(delays, d.deadline_s)
+    assert not late.any() and latency <= dl * (1 + 1e-9)
+    assert d.predicted_latency == pytest.approx(latency, rel=1e-9)
+    ctl.observe(latency)
+    assert ctl.outage_total == d.outage and ctl.outage_rate == pytest.approx(d.outage / K)
+
+
+def test_outage_with_factor_one_keeps_every_round_within_the_budget() -> None:
+    """F = 1 with perfect CSI: no round exceeds T_bar, so Q stays 0 and rho is the start rule's
+    ratio every round; the deep fades are the price (outage > 0)."""
+    ctl, ch = _outage_setup(1.0)
+    rng = np.random.default_rng(1)
+    for t in range(300):
+        idx = rng.choice(ch.config.num_clients, K, replace=False)
+        g = ch.draw(t)[idx]
+        d = ctl.step(g)
+        ctl.observe(ctl.bits(d.rho) * float(np.max(
+            ch.fdma_delays(1.0, d.shares[d.active], g[d.active]))))
+    assert max(ctl.history.latency) <= ctl.T_bar * (1 + 1e-9)
+    assert ctl.backlog == 0.0 and set(ctl.history.rho) == {0.5}
+    assert 0.0 < ctl.outage_rate < 1.0 and ctl.scheduled_total == 300 * K
+
+
+def test_outage_off_is_paper_a_bit_for_bit() -> None:
+    """deadline_factor None leaves the decision as before (no mask, no outage, D = inf) and a
+    deadline that nobody misses gives the same rho, shares and latencies bit for bit."""
+    off, ch = _outage_setup(None)
+    wide, _ = _outage_setup(1e9)
+    rng = np.random.default_rng(2)
+    for t in range(200):
+        g = ch.draw(t)[rng.choice(ch.config.num_clients, K, replace=False)]
+        a, b = off.step(g), wide.step(g)
+        assert a.active is None and a.outage == 0 and a.deadline_s == math.inf
+        assert b.active is not None and b.active.all() and b.outage == 0
+        assert a.rho == b.rho and np.array_equal(a.shares, b.shares)
+        assert a.predicted_latency == b.predicted_latency
+        off.observe()
+        wide.observe()
+    assert off.history.latency == wide.history.latency and off.history.rho == wide.history.rho
+    assert off.outage_total == 0
+
+
+def test_deadline_latency_caps_late_uploads_at_the_deadline() -> None:
+    from fedsoft.online import deadline_latency
+
+    lat, late = deadline_latency([1.0, 2.0, 5.0], 3.0)  # imperfect CSI: one client misses D
+    assert lat == 3.0 and late.tolist() == [False, False, True]
+    lat, late = deadline_latency([1.0, 2.0], 3.0)
+    assert lat == 2.0 and not late.any()
+    assert deadline_latency([1.0, 7.0], math.inf)[0] == 7.0  # no rule: the slowest client
+
+
+def test_outage_counters_survive_a_checkpoint() -> None:
+    import json
+
+    ctl, ch = _outage_setup(1.5)
+    for t in range(30):
+        ctl.step(ch.draw(t)[:K])
+        ctl.observe()
+    state = json.loads(json.dumps(ctl.state_dict()))
+    fresh, _ = _outage_setup(1.5)
+    fresh.load_state_dict(state)
+    assert (fresh.outage_total, fresh.scheduled_total) == (ctl.outage_total, 30 * K)
+    a, b = ctl.step(ch.draw(30)[:K]), fresh.step(ch.draw(30)[:K])
+    assert a.rho == b.rho and np.array_equal(a.active, b.active)
