@@ -14,7 +14,7 @@
    realised average latency), in %: what per-round adaptation buys over the best fixed rho.
 4. ``--section outage``: the per-round deadline / outage rule (PROPOSED, not in paper A;
    ``tsfa-deadline = "budget-multiple"``, deadline F x T_bar) on the default log-distance
-   channel without and with 8 dB shadowing, MiniLM shapes, F in {off, 1, 1.5, 2, 3} x V in
+   channel without and with 8 dB shadowing, MiniLM shapes, F in {off, 1, 1.5, 2, 3, 5} x V in
    {0.01, 0.1}, plus csi-error 0.1 at V = 0.01: realised average / median / 99th percentile
    round latency over T_bar, mean rho, outage rate (scheduled clients that do not upload),
    late rate (uploads past the deadline, imperfect CSI only; their replies are dropped and the
@@ -154,7 +154,7 @@ def summarise(res: dict, p, tbar: float) -> dict:
     }
 
 
-FACTORS = (None, 1.0, 1.5, 2.0, 3.0)
+FACTORS = (None, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
 def run_outage(p, idx: np.ndarray, true: list, est: list) -> dict:

@@ -82,7 +82,7 @@ _SCHEMA: dict[str, Key] = {
     "latency-budget-mode": Key("dense-fraction", *_choice("dense-fraction", "absolute")),
     "tsfa-start": Key("budget", *_choice("budget", "dense")),
     "tsfa-deadline": Key("budget-multiple", *_choice("budget-multiple", "off")),
-    "tsfa-deadline-factor": Key(2.0, lambda v: 0 < v <= 1000,
+    "tsfa-deadline-factor": Key(3.0, lambda v: 0 < v <= 1000,
                                 "0 < tsfa-deadline-factor <= 1000 (F: deadline = F x T_bar)"),
     "payload-model": Key("wire", *_choice("wire", "values")),
     "lyapunov-v": Key(0.001, _non_negative, ">= 0 (V, eq. 33)"),

@@ -34,7 +34,9 @@ def test_override_beats_preset_and_preset_beats_default():
 @pytest.mark.parametrize(
     ("key", "value"),
     [("lora-rank", 0), ("sparsity", 1.0), ("lr", -1.0), ("partitioner", "zipf"),
-     ("clients-per-round", 0), ("strategy", "magic"), ("lora-layers", "a,b"), ("seed", "x")],
+     ("clients-per-round", 0), ("strategy", "magic"), ("lora-layers", "a,b"), ("seed", "x"),
+     ("tsfa-deadline", "always"), ("tsfa-deadline-factor", 0.0),
+     ("tsfa-deadline-factor", 5000.0)],
 )
 def test_bad_values_name_key_and_value(key, value):
     with pytest.raises(ConfigError) as err:
