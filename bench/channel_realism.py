@@ -15,11 +15,12 @@
 4. ``--section outage``: the per-round deadline / outage rule (PROPOSED, not in paper A;
    ``tsfa-deadline = "budget-multiple"``, deadline F x T_bar) on the default log-distance
    channel without and with 8 dB shadowing, MiniLM shapes, F in {off, 1, 1.5, 2, 3, 5} x V in
-   {0.01, 0.1}, plus csi-error 0.1 at V = 0.01: realised average / median / 99th percentile
-   round latency over T_bar, mean rho, outage rate (scheduled clients that do not upload),
-   late rate (uploads past the deadline, imperfect CSI only; their replies are dropped and the
-   round lasts D) and per-client participation (uploads / times scheduled, min and max over
-   the N clients). Writes outage.json.
+   {0.01, 0.1}, plus csi-error 0.1 at V = 0.01 and the run-config defaults (V = 0.001,
+   F = 3): realised average / median / 99th percentile round latency over T_bar, mean rho,
+   outage rate (scheduled clients that do not upload), late rate (uploads past the deadline,
+   imperfect CSI only; their replies are dropped and the round lasts D) and per-client
+   participation (uploads / times scheduled, min and max over the N clients). Writes
+   outage.json.
 
 Usage: python bench/channel_realism.py [--rounds 5000] [--section all|outage]
        [--out docs/data/controller]
@@ -210,6 +211,7 @@ def outage_study(rounds: int, seed: int) -> dict:
     shape = "MiniLM-L6"
     cases = [(sh, 0.0, v, f) for sh in (0.0, 8.0) for v in (0.01, 0.1) for f in FACTORS]
     cases += [(0.0, 0.1, 0.01, f) for f in FACTORS]
+    cases += [(0.0, 0.0, 0.001, 3.0)]  # the run-config defaults (lyapunov-v, F)
     print(f"\n== 4. {shape}: outage rule, {rounds} rounds, log-distance channel")
     print(f"{'shadow':>6} {'csi':>4} {'V':>5} {'F':>4} {'avg/Tb':>7} {'med/Tb':>7} "
           f"{'p99/Tb':>7} {'max/Tb':>7} {'rho':>6} {'outage':>7} {'late':>6} "

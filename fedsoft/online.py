@@ -352,8 +352,8 @@ class Decision:
     With the outage rule (PROPOSED) ``active`` marks the scheduled clients that upload (the
     others have share 0 and spectral efficiency 0), ``outage`` counts the others and
     ``deadline_s`` is the round's deadline D = F T_bar (longer only in a round where no client
-    fits: then the strongest client's predicted delay); without it ``active`` is None (everyone), ``outage`` 0 and
-    ``deadline_s`` inf.
+    fits: then the strongest client's predicted delay); without it ``active`` is None
+    (everyone), ``outage`` 0 and ``deadline_s`` inf.
     """
 
     round: int
@@ -409,10 +409,11 @@ class TSFAController:
     raised, if needed, to the smallest ratio whose equal-finish delay over A is within D. With
     perfect CSI every round then lasts at most D (a round where no client fits keeps the
     strongest one at the smallest ratio that comes closest, and that round's deadline, in
-    ``Decision.deadline_s``, becomes its predicted delay). The FedAvg of eq. (5) then averages over A only, so the
-    global model leans toward clients with good channels this round (a participation bias
-    paper A's random K-of-N scheduling does not have). With imperfect CSI the decision uses
-    the estimate; :func:`deadline_latency` says what the realised round costs.
+    ``Decision.deadline_s``, becomes its predicted delay). The FedAvg of eq. (5) then
+    averages over A only, so the global model leans toward clients with good channels this
+    round (a participation bias paper A's random K-of-N scheduling does not have). With
+    imperfect CSI the decision uses the estimate; :func:`deadline_latency` says what the
+    realised round costs, and that is what ``observe`` feeds to the queue (eq. 30).
 
     Args:
         rank: r* from the offline stage (``from_offline``) or a user-fixed rank (OSFA).
