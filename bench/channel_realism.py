@@ -4,7 +4,7 @@
    spread of per-client rates (max/min spectral efficiency at that share) per path-loss model.
 2. r* and rho* (offline stage, wire payload) for MiniLM-L6 (6 blocks x q,v, d = k = 384, head
    384x10) and ViT-B (4 blocks x q,v, d = k = 768, head 768x100) at the default budget
-   (``latency-budget`` = 0.5 x the nominal dense round at rank 8), N = 100, K = 10.
+   (``latency-budget-fraction`` = 0.5 x the nominal dense round at rank 8), N = 100, K = 10.
 3. Controller-only study over --rounds rounds (default 5000) of seeded Rayleigh CSI, as the
    server runs it (:func:`fedsoft.tsfa_plan.plan`, P3 on the wire payload, realised latency
    with the true gains): a V sweep, the fixed-rho oracle (the smallest fixed rho whose realised
@@ -279,7 +279,7 @@ def main() -> None:
                    "dense_nominal_s": p.dense_nominal_s,
                    "table": tsfa_plan.offline_table(p.offline)}
             out["plans"][f"{shape}|{model}"] = row
-            print(f"{model:>13}: T_bar {p.T_bar:.4g} s = {cfg['latency-budget']} x dense "
+            print(f"{model:>13}: T_bar {p.T_bar:.4g} s = {cfg['latency-budget-fraction']} x dense "
                   f"{p.dense_nominal_s:.4g} s -> r* = {p.rank}, rho* = {p.offline.rho0:.4f}")
 
         print(f"\n== 3. {shape}: controller only, {args.rounds} rounds, r* from the default "

@@ -76,10 +76,11 @@ _SCHEMA: dict[str, Key] = {
     "wire-dtype": Key("float32", *_choice("float32", "float16")),
     "soft-split": Key("joint", *_choice("joint", "ab")),
     "zeta": Key(0.0, _non_negative, ">= 0"),
-    "latency-budget": Key(0.5, _positive, "> 0 (T_bar, eq. 24c: a fraction of the nominal "
-                          "dense round latency, or seconds with latency-budget-mode = "
-                          "'absolute')"),
-    "latency-budget-mode": Key("dense-fraction", *_choice("dense-fraction", "absolute")),
+    "latency-budget": Key(0.0, _non_negative, ">= 0 seconds (T_bar, eq. 24c); 0 = "
+                          "latency-budget-fraction x the nominal dense round latency"),
+    "latency-budget-fraction": Key(0.5, _positive,
+                                   "> 0 (T_bar as a fraction of the nominal dense round "
+                                   "latency; used when latency-budget = 0)"),
     "tsfa-start": Key("budget", *_choice("budget", "dense")),
     "tsfa-deadline": Key("budget-multiple", *_choice("budget-multiple", "off")),
     "tsfa-deadline-factor": Key(3.0, lambda v: 0 < v <= 1000,

@@ -54,7 +54,8 @@ PILOT_DIR = "pilot"
 _NOT_IDENTITY = frozenset({
     "preset", "run-dir", "resume-from", "checkpoint-every", "round-timeout", "device",
     "client-state-dir", "max-test-examples", "eval-batch-size", "tsfa-ranks",
-    "latency-budget", "lyapunov-v", "sparsity-min", "sparsity-max", "p3-solver",
+    "latency-budget", "latency-budget-fraction", "lyapunov-v", "sparsity-min", "sparsity-max",
+    "p3-solver",
     "offline-nominal", "bandwidth-allocation", "round-overhead-s", "server-lr",
 })
 _NOT_IDENTITY_PREFIXES = ("bound-", "channel-", "sketch-", "sampling", "compute-")

@@ -36,7 +36,7 @@ CHANNEL_KEYS = ("channel-distance-min", "channel-distance-max", "path-loss-expon
 BOUND_KEYS = ("bound-kappa-r", "bound-kappa-s", "bound-kappa-c", "bound-kappa-e",
               "bound-rank-ideal", "bound-sigma-bar", "bound-sigma-max", "bound-p",
               "bound-calibration")
-TSFA_KEYS = ("latency-budget", "latency-budget-mode", "lyapunov-v", "sparsity-min",
+TSFA_KEYS = ("latency-budget", "latency-budget-fraction", "lyapunov-v", "sparsity-min",
              "sparsity-max", "tsfa-ranks", "p3-solver", "offline-nominal", "lora-rank",
              "tsfa-start", "payload-model", "tsfa-deadline", "tsfa-deadline-factor")
 
@@ -148,8 +148,8 @@ def run_config_errors(cfg: Mapping[str, Any], stage_keys: Sequence[str] = ()) ->
 class TSFAPlan:
     """What the server needs before round 1: the channel, the rank and the online controller.
 
-    ``T_bar`` is the budget in seconds (``latency-budget`` itself, or times ``dense_nominal_s``
-    with ``latency-budget-mode = "dense-fraction"``); ``dense_nominal_s`` the dense upload's
+    ``T_bar`` is the budget in seconds (``latency-budget`` when > 0, else
+    ``latency-budget-fraction`` x ``dense_nominal_s``); ``dense_nominal_s`` the dense upload's
     round delay at ``lora-rank`` on the nominal channel (A.10) with the payload model in use;
     ``start_rho`` the ratio of empty-queue rounds (None: rho_min, ``tsfa-start = "dense"``).
     """
@@ -278,18 +278,25 @@ def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
         return _plan(cfg, num_clients, d_plus_k_total, payload_bits, channel, bound)
 
 
+def budget_seconds(cfg: Mapping[str, Any], dense_s: float) -> float:
+    """T_bar in seconds (eq. 24c): ``latency-budget`` when > 0, else
+    ``latency-budget-fraction`` x ``dense_s``, the nominal dense round latency."""
+    given = float(cfg["latency-budget"])
+    return given if given > 0 else float(cfg["latency-budget-fraction"]) * dense_s
+
+
 def _budget_error(cfg: Mapping[str, Any], min_s: float, dense_s: float, what: str
                   ) -> ConfigError:
-    mode = str(cfg["latency-budget-mode"])
-    given = float(cfg["latency-budget"])
-    if mode == "dense-fraction":
-        smallest = f"latency-budget = {min_s / dense_s:.6g} (x the nominal dense latency " \
-                   f"{dense_s:.6g} s, i.e. {min_s:.6g} s)"
-    else:
+    if float(cfg["latency-budget"]) > 0:
+        key, given = "latency-budget", float(cfg["latency-budget"])
         smallest = f"latency-budget = {min_s:.6g} s"
+    else:
+        key, given = "latency-budget-fraction", float(cfg["latency-budget-fraction"])
+        smallest = f"latency-budget-fraction = {min_s / dense_s:.6g} (x the nominal dense " \
+                   f"latency {dense_s:.6g} s, i.e. {min_s:.6g} s)"
     return ConfigError(
-        f"run-config key 'latency-budget' = {given!r} ('latency-budget-mode' = {mode!r}) is "
-        f"infeasible: {what}; the smallest feasible budget is {smallest}")
+        f"run-config key '{key}' = {given!r} is infeasible: {what}; the smallest feasible "
+        f"budget is {smallest}")
 
 
 def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
@@ -311,8 +318,7 @@ def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
     nominal = str(cfg["offline-nominal"])
     _, per_bit = nominal_seconds_per_bit(channel, k, nominal)
     dense_s = float(bits(int(cfg["lora-rank"]), 0.0)) * per_bit
-    budget = float(cfg["latency-budget"])
-    t_bar = budget * dense_s if cfg["latency-budget-mode"] == "dense-fraction" else budget
+    t_bar = budget_seconds(cfg, dense_s)
     if cfg["strategy"] == "osfa":
         rank = int(cfg["lora-rank"])
         floor = float(bits(rank, rho_max)) * per_bit

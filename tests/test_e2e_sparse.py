@@ -46,7 +46,7 @@ def test_tsfa_run_logs_queue_and_keeps_the_latency_budget(tmp_path):
     proc = flwr_run(
         tmp_path / "home",
         f'preset="ci" num-server-rounds=3 local-steps=3 strategy="tsfa" sparsifier="soft" '
-        f'latency-budget=0.3 lyapunov-v=0.001 run-dir="{run_dir}"',
+        f'latency-budget-fraction=0.3 lyapunov-v=0.001 run-dir="{run_dir}"',
         num_supernodes=3,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

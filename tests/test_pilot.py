@@ -49,7 +49,7 @@ def test_identity_changes_with_what_the_pilot_trains_only(tmp_path):
     base = pilot.identity(cfg, 4)
     assert base["lora-rank"] == 8 and base["num-nodes"] == 4
     # keys the dense pilot does not use leave it as is
-    for key, value in [("latency-budget", 0.3), ("bound-kappa-e", 2.0), ("run-dir", "/x"),
+    for key, value in [("latency-budget-fraction", 0.3), ("bound-kappa-e", 2.0), ("run-dir", "/x"),
                        ("lyapunov-v", 1.0), ("num-server-rounds", 50)]:
         assert pilot.identity({**cfg, key: value}, 4) == base, key
     # what it trains with changes it
@@ -61,7 +61,7 @@ def test_identity_changes_with_what_the_pilot_trains_only(tmp_path):
 
 def test_pilot_log_to_calibration_to_offline_stage(tmp_path):
     """The auto path without Flower: the pilot's log -> calibration.json -> plan() reads it."""
-    cfg = auto_cfg(tmp_path, **{"latency-budget": 0.5})
+    cfg = auto_cfg(tmp_path, **{"latency-budget-fraction": 0.5})
     pdir = write_pilot_log(tmp_path)
     cal = calibrate_run(pdir)
     path = write_calibration(pilot.calibration_file(cfg), cal, pilot=pilot.identity(cfg, 4))
@@ -101,7 +101,7 @@ def test_ensure_calibration_runs_the_pilot_once_reuses_it_and_never_on_resume(
 
     monkeypatch.setattr(server_pilot, "run_pilot", fake_pilot)
     nodes = [11, 12, 13, 14]
-    cfg = auto_cfg(tmp_path / "run", **{"latency-budget": 0.5})
+    cfg = auto_cfg(tmp_path / "run", **{"latency-budget-fraction": 0.5})
     kw = {"d_plus_k_total": 2 * 384 * 12}
     path = server_pilot.ensure_calibration(None, cfg, nodes, **kw)
     assert path == tmp_path / "run" / "calibration.json" and len(calls) == 1
@@ -112,7 +112,7 @@ def test_ensure_calibration_runs_the_pilot_once_reuses_it_and_never_on_resume(
     assert f"r* = {measured} with the measured spectra" in out
     assert f"sigma_max = {written['sigma_max']:.4g}" in out
     # same identity: reused, no second pilot; another budget does not change the identity
-    server_pilot.ensure_calibration(None, {**cfg, "latency-budget": 0.4}, nodes, **kw)
+    server_pilot.ensure_calibration(None, {**cfg, "latency-budget-fraction": 0.4}, nodes, **kw)
     assert len(calls) == 1 and "reused" in capsys.readouterr().out
     # another lr: a new pilot
     server_pilot.ensure_calibration(None, {**cfg, "lr": 0.01}, nodes, **kw)
@@ -133,7 +133,7 @@ def test_ensure_calibration_runs_the_pilot_once_reuses_it_and_never_on_resume(
 
 def test_infeasible_budget_fails_before_the_pilot(tmp_path, monkeypatch):
     monkeypatch.setattr(server_pilot, "run_pilot", lambda *a: pytest.fail("pilot ran"))
-    cfg = auto_cfg(tmp_path, **{"latency-budget": 1e-6})
+    cfg = auto_cfg(tmp_path, **{"latency-budget-fraction": 1e-6})
     with pytest.raises(ConfigError, match="latency-budget"):
         server_pilot.ensure_calibration(None, cfg, [1, 2], d_plus_k_total=2 * 384 * 12)
     assert not (tmp_path / "pilot").exists()

@@ -117,7 +117,6 @@ def _tsfa(strategy="tsfa", **over):
     cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft", clients_per_round=3)
     cfg.update({"tsfa-deadline": "off", **over})
     cfg["clients-per-round"] = 3
-    cfg["latency-budget-mode"] = "absolute"  # the tests give T_bar in seconds
     cfg["payload-model"] = "values"  # fake 2-layer arrays: the values-only payload of eq. (6)
     return plan(cfg, num_clients=5, d_plus_k_total=2 * 32), cfg
 

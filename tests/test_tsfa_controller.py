@@ -563,7 +563,8 @@ def _plan(shape, n: int, **over: object):
 @pytest.mark.parametrize("strategy", ["tsfa", "osfa"])
 def test_every_preset_is_feasible_by_default(preset, shape, n, strategy) -> None:
     p, cfg = _plan(shape, n, preset=preset, strategy=strategy)
-    assert p.T_bar == pytest.approx(float(cfg["latency-budget"]) * p.dense_nominal_s)
+    assert float(cfg["latency-budget"]) == 0  # the default: a fraction of the dense round
+    assert p.T_bar == pytest.approx(float(cfg["latency-budget-fraction"]) * p.dense_nominal_s)
     assert p.payload_model == "wire" and p.controller.payload_bits is not None
     # the empty-queue ratio meets the budget on the nominal channel, and only just
     from fedsoft.offline import nominal_seconds_per_bit
@@ -575,24 +576,30 @@ def test_every_preset_is_feasible_by_default(preset, shape, n, strategy) -> None
         assert p.start_rho == pytest.approx(p.offline.rho0)
 
 
-@pytest.mark.parametrize("mode", ["dense-fraction", "absolute"])
-def test_infeasible_budget_states_the_smallest_feasible_one(mode: str) -> None:
+@pytest.mark.parametrize("key", ["latency-budget-fraction", "latency-budget"])
+def test_infeasible_budget_states_the_smallest_feasible_one(key: str) -> None:
     from fedsoft.config import ConfigError
 
     for strategy in ("tsfa", "osfa"):
         with pytest.raises(ConfigError) as err:
-            _plan(VIT, 100, preset="paper-vit-cifar100", strategy=strategy,
-                  **{"latency-budget": 1e-3, "latency-budget-mode": mode})
+            _plan(VIT, 100, preset="paper-vit-cifar100", strategy=strategy, **{key: 1e-3})
         msg = str(err.value)
-        assert "'latency-budget' = 0.001" in msg and "infeasible" in msg
-        smallest = float(re.search(r"smallest feasible budget is latency-budget = "
+        assert f"'{key}' = 0.001" in msg and "infeasible" in msg
+        smallest = float(re.search(rf"smallest feasible budget is {key} = "
                                    r"([0-9.eE+-]+)", msg).group(1))  # type: ignore[union-attr]
         ok, _ = _plan(VIT, 100, preset="paper-vit-cifar100", strategy=strategy,
-                      **{"latency-budget": smallest * 1.001, "latency-budget-mode": mode})
+                      **{key: smallest * 1.001})
         assert ok.controller.rho_max == 0.99
         with pytest.raises(ConfigError):
             _plan(VIT, 100, preset="paper-vit-cifar100", strategy=strategy,
-                  **{"latency-budget": smallest * 0.99, "latency-budget-mode": mode})
+                  **{key: smallest * 0.99})
+
+
+def test_latency_budget_in_seconds_keeps_its_meaning() -> None:
+    """``latency-budget`` > 0 is T_bar in seconds, as before the fraction existed."""
+    p, _ = _plan(MINILM, 10, preset="offline-text", strategy="tsfa",
+                 **{"latency-budget": 7.5, "latency-budget-fraction": 0.01})
+    assert p.T_bar == 7.5
 
 
 def test_start_rule_is_the_same_for_tsfa_and_osfa() -> None:
@@ -610,7 +617,7 @@ def test_values_payload_model_reproduces_eq29() -> None:
     p, cfg = _plan(MINILM, 10, preset="offline-text", strategy="tsfa",
                    **{"payload-model": "values", "path-loss-model": "paper",
                       "bandwidth-noise": "total", "noise-figure-db": 0.0,
-                      "latency-budget-mode": "absolute", "latency-budget": 0.15})
+                      "latency-budget": 0.15})
     assert p.controller.payload_bits is None and p.controller.solver_used.startswith("cvxpy")
     s = nominal_inv_gamma_sum(p.channel.spectral_eff(p.channel.mean_gains()), 5)
     for r, row in p.offline.table.items():
