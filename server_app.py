@@ -110,20 +110,6 @@ def sketch_setup(cfg, work, num_clients: int, system=None, sizes=None,
     return (plan, system, np.asarray(sizes, dtype=np.float64)), summary
 
 
-def server_data_sizes(cfg, num_partitions: int | None) -> dict[int, int]:
-    """Examples per partition as the clients' partitioner makes them (the server-known
-    weights of eq. (5)); empty when the nodes did not agree on a partition count."""
-    if not num_partitions:
-        return {}
-    train, _ = workload.splits(cfg)
-    sizes = data.partition_sizes(
-        train, str(cfg["partitioner"]), int(num_partitions), seed=int(cfg["seed"]),
-        dirichlet_alpha=float(cfg["dirichlet-alpha"]),
-        shards_per_client=int(cfg["shards-per-client"]),
-    )
-    return dict(enumerate(int(n) for n in sizes))
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds with server-side evaluation after each.
@@ -164,14 +150,21 @@ def main(grid: Grid, context: Context) -> None:
     test = workload.test_loader(cfg, work)
     device = pick_device(str(cfg["device"]))
     found = discover(grid, node_ids)  # stable client identities and partition count
-    sizes = server_data_sizes(cfg, found.num_partitions)
+    sizes = workload.server_partition_sizes(cfg, found.num_partitions)
     sampling, sketch_summary, sketch_cal = None, None, None
     if cfg["strategy"] == "sketch":
         system, psizes = sketch_system(cfg, work, len(node_ids))
         if cfg["sketch-calibration"] == "auto":
             saved = run_dir / sketch_calibration.CALIBRATION_FILE
-            if resume is not None and saved.is_file():  # the plan the run started with
-                sketch_cal = sketch_calibration.load_sketch_calibration(saved)
+            if resume is not None:  # the plan the run started with; a resume never re-pilots
+                first = Path(str(resume[2]["config"]["run-dir"])) / saved.name
+                src = saved if saved.is_file() else first
+                if not src.is_file():
+                    raise checkpoint.CheckpointError(
+                        f"resume-from={cfg['resume-from']!r}: sketch-calibration = 'auto' but no "
+                        f"{saved.name} in {run_dir} or in the checkpoint's run-dir, so the "
+                        "sampling plan the run started with is unknown")
+                sketch_cal = sketch_calibration.load_sketch_calibration(src)
             else:
                 sketch_cal = sketch_pilot(cfg, grid, work, test, device, system, psizes,
                                           found.node_to_partition, sizes)

@@ -69,7 +69,7 @@ def keep_scores_through(run_dir: Path | str, last_round: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and _round_of(line) <= last_round]
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _round_of(line: str) -> float:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
+from fedsoft.durable import atomic_write_text
 from fedsoft.sketch_opt import SketchObjective
 
 __all__ = [
@@ -307,7 +308,7 @@ def _fit(x: np.ndarray, y: np.ndarray, fb: SketchObjective, warnings: list[str]
 def write_sketch_calibration(path: Path | str, cal: SketchCalibration) -> Path:
     """Write ``cal`` as JSON (the file ``sketch-calibration`` reads)."""
     p = Path(path)
-    p.write_text(json.dumps(asdict(cal), indent=2, default=float) + "\n")
+    atomic_write_text(p, json.dumps(asdict(cal), indent=2, default=float) + "\n")
     return p
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import WARNING
 from typing import Any
 
 import torch
+from flwr.common import log
 
 from fedsoft import data
 from fedsoft.collate import make_collate, make_loader
@@ -105,3 +107,27 @@ def test_loader(cfg: Mapping[str, Any], work: Workload):
     """Loader over the held-out test split, for server-side evaluation."""
     _, test = splits(cfg)
     return make_loader(test, work.collate, int(cfg["eval-batch-size"]), shuffle=False, seed=0)
+
+
+def server_partition_sizes(cfg: Mapping[str, Any], num_partitions: int | None) -> dict[int, int]:
+    """Examples per partition as the clients' partitioner makes them: the server-known weights
+    of eq. (5). Empty (weights then come from the replies, capped) when the nodes did not agree
+    on a partition count or the split cannot be made (e.g. more partitions than examples),
+    with a logged warning: a partition count is what the nodes said, so it may be hostile."""
+    if not num_partitions:
+        return {}
+    try:
+        train, _ = splits(cfg)
+        if not 1 <= int(num_partitions) <= len(train):
+            raise ValueError(f"{num_partitions} partitions of {len(train)} examples")
+        sizes = data.partition_sizes(
+            train, str(cfg["partitioner"]), int(num_partitions), seed=int(cfg["seed"]),
+            dirichlet_alpha=float(cfg["dirichlet-alpha"]),
+            shards_per_client=int(cfg["shards-per-client"]),
+        )
+    except Exception as exc:  # noqa: BLE001 - an unusable count only costs the known weights
+        log(WARNING,
+            "server-known data shares unavailable (%s: %s): weights come from the replies, "
+            "capped at max-num-examples", type(exc).__name__, exc)
+        return {}
+    return dict(enumerate(int(n) for n in sizes))

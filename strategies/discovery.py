@@ -43,8 +43,9 @@ def discover(grid: Grid, node_ids: list[int], timeout: float = 120.0) -> Discove
 
     A node that does not answer, answers without an ``info`` record, with a non-integer or
     out-of-range id, or with an id another node also claims is left out of the mapping with a
-    logged reason (it is then identified by its node id). ``num_partitions`` is the count most
-    nodes report; nodes that report another one are left out too."""
+    logged reason (it is then identified by its node id). ``num_partitions`` is the count more
+    than half of the answering nodes report (None otherwise); nodes that report another one are
+    left out too."""
     msgs = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in node_ids]
     claims: dict[int, tuple[int, int]] = {}
@@ -59,7 +60,9 @@ def discover(grid: Grid, node_ids: list[int], timeout: float = 120.0) -> Discove
         except Exception as err:  # noqa: BLE001 - a bad answer only loses that node's identity
             log(WARNING, "node %s: partition query answer ignored: %s", nid, err)
     counts = Counter(n for _, n in claims.values())
-    num_partitions = counts.most_common(1)[0][0] if counts else None
+    top = counts.most_common(1)[0] if counts else None
+    # the count more than half of the answering nodes report; else none (a tie is not trusted)
+    num_partitions = top[0] if top is not None and 2 * top[1] > len(claims) else None
     owners = Counter(pid for pid, n in claims.values() if n == num_partitions)
     mapping: dict[int, int] = {}
     for nid, (pid, n) in claims.items():

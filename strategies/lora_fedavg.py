@@ -85,6 +85,7 @@ class LoRAFedAvg(FedAvg):
         self.update_norm_bound = float(update_norm_bound)
         self._norm_history: list[list[float]] = []
         self.accepted: list[AcceptedReply] = []
+        self._sent: set[int] = set()  # nodes sent a train message this round
         self.dense_reply_bytes = 0  # count_bytes of the dense global record, set each round
         self.rng = random.Random(seed)
         self.node_wait_timeout = node_wait_timeout
@@ -130,7 +131,10 @@ class LoRAFedAvg(FedAvg):
         """Restore :meth:`state_dict` (e.g. when a run resumes from a checkpoint)."""
         version, internal, gauss = state["rng"]
         self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
-        self._norm_history = [[float(n) for n in r] for r in state.get("norm_history", [])]
+        history = [[float(n) for n in r] for r in state.get("norm_history", [])]
+        if not all(np.isfinite(n) and n >= 0 for r in history for n in r):
+            raise ValueError(f"norm_history holds a negative or non-finite norm: {history}")
+        self._norm_history = history
 
     # -- sampling -------------------------------------------------------------------------
     def sample_nodes(self, grid: Grid) -> tuple[list[int], list[int]]:
@@ -218,6 +222,7 @@ class LoRAFedAvg(FedAvg):
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(node_ids), len(all_ids))
         chosen = self.prepare_round(server_round, node_ids, all_ids)
         send = node_ids if chosen is None else [nid for nid in node_ids if nid in set(chosen)]
+        self._sent = set(send)
         return [
             Message(
                 content=RecordDict(
@@ -267,14 +272,19 @@ class LoRAFedAvg(FedAvg):
     def reply_weight(self, node_id: int, reported: int) -> float:
         """A reply's aggregation weight: the server-known size of the node's partition when the
         server knows it (a different reported count is refused), otherwise the reported
-        ``num-examples`` capped at ``max-num-examples``."""
+        ``num-examples`` capped at ``max-num-examples`` and, when the server knows the other
+        partitions' sizes, at the largest of them (a node without a known partition, e.g. one
+        that joined after discovery or claimed another's id, cannot outweigh a known one)."""
         pid = self.node_to_client.get(node_id)
         if pid is not None and pid in self.data_sizes:
             known = int(self.data_sizes[pid])
             if reported != known:
                 raise ReplyError(f"num-examples = {reported}, but partition {pid} holds {known}")
             return float(known)
-        return float(min(reported, self.max_num_examples))
+        cap = self.max_num_examples
+        if self.data_sizes:
+            cap = min(cap, max(self.data_sizes.values()))
+        return float(min(reported, cap))
 
     def _accept(self, server_round: int, msg: Message) -> AcceptedReply:
         """Unpack, check and decode one reply; any failure raises (the caller drops it)."""
@@ -317,13 +327,15 @@ class LoRAFedAvg(FedAvg):
         regime, e.g. TSFA moving rho, does not count against honest clients)."""
         if self.update_norm_bound <= 0 or not accepted:
             return accepted
-        pool = [a.norm for a in accepted]
+        # a zero update (a client that sent the global model back) is harmless but says
+        # nothing about the scale of honest updates: it never sets the reference
+        pool = [a.norm for a in accepted if a.norm > 0]
         if len(pool) < 3:
-            pool += [n for r in self._norm_history for n in r]
+            pool += [n for r in self._norm_history for n in r if n > 0]
+        if not pool:
+            return accepted  # every update is zero: nothing to bound
         pool.sort()
         ref = pool[(len(pool) - 1) // 2]
-        if ref <= 0:
-            return accepted
         limit = self.update_norm_bound * ref
         kept = []
         for a in accepted:
@@ -349,11 +361,17 @@ class LoRAFedAvg(FedAvg):
         accepted: list[AcceptedReply] = []
         dropped: list[str] = []
         uplink, received = 0, 0
+        seen: set[int] = set()
         for msg in replies:
             nid = msg.metadata.src_node_id
             if msg.has_error():
                 dropped.append(f"node {nid}: error {msg.error.reason}")
                 continue
+            if nid not in self._sent or nid in seen:  # the SuperLink prevents both; a check
+                dropped.append(f"node {nid}: {'a second reply' if nid in seen else 'not sent'}"
+                               f" a train message this round")
+                continue
+            seen.add(nid)
             received += 1
             try:
                 uplink += sum(int(r.count_bytes()) for r in msg.content.array_records.values())
@@ -389,7 +407,8 @@ class LoRAFedAvg(FedAvg):
                 server_round, problem)
             stats.update(skipped=1, aggregate_rejected=1, aggregate_problem=problem[:500])
             return None, None
-        self._norm_history = (self._norm_history + [[a.norm for a in accepted]])[-NORM_ROUNDS:]
+        self._norm_history = (self._norm_history
+                              + [[a.norm for a in accepted if a.norm > 0]])[-NORM_ROUNDS:]
         losses = [a.loss for a in accepted]
         train_loss = float(np.average(losses, weights=weights)) \
             if all(v is not None for v in losses) else float("nan")

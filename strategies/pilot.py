@@ -31,6 +31,7 @@ from fedsoft.calibration import (
     write_calibration,
 )
 from fedsoft.config import ConfigError
+from fedsoft.durable import atomic_write_text
 from fedsoft.offline import Calibration
 from fedsoft.pilot import AUTO, calibration_file, identity, pilot_config, reusable
 from fedsoft.runlog import RunLog
@@ -50,7 +51,7 @@ def run_pilot(grid: Grid, cfg: Mapping[str, Any], node_ids: Sequence[int]) -> Ca
     pcfg = pilot_config(cfg, str(cfg["run-dir"]))
     pilot_dir = Path(str(pcfg["run-dir"]))
     pilot_dir.mkdir(parents=True, exist_ok=True)
-    (pilot_dir / SCORES_FILE).write_text("")
+    atomic_write_text(pilot_dir / SCORES_FILE, "")
     found = discover(grid, list(node_ids))
     workload.clear_cache()
     work = workload.build_workload(pcfg)
@@ -60,6 +61,7 @@ def run_pilot(grid: Grid, cfg: Mapping[str, Any], node_ids: Sequence[int]) -> Ca
         seed=int(pcfg["seed"]),
         min_replies=int(pcfg["min-replies"]),
         node_to_client=found.node_to_partition,
+        data_sizes=workload.server_partition_sizes(pcfg, found.num_partitions),
         max_num_examples=int(pcfg["max-num-examples"]),
         update_norm_bound=float(pcfg["update-norm-bound"]),
     )

@@ -320,3 +320,70 @@ def test_checked_numpy_checks_bytes_before_allocating():
     with pytest.raises(RecordError, match="more than"):
         checked_numpy(ArrayRecord({"x": good}),
                       ReplyLayout({"x": (frozenset({"float32"}), None)}, max_bytes=8))
+
+
+def test_zero_updates_do_not_switch_the_norm_bound_off():
+    s = _strategy("dense")
+    glob = _arrays(0)
+    msgs = list(s.configure_train(1, to_record(glob), ConfigRecord({}), FakeGrid(NODES)))
+    replies = []
+    for i, m in enumerate(msgs):
+        nid = m.metadata.dst_node_id
+        local = {0: dict(glob),  # sends the global model back: norm 0
+                 1: {k: v + 1e3 * _arrays(nid)[k] for k, v in glob.items()},
+                 2: {k: v + 0.01 * _arrays(nid)[k] for k, v in glob.items()}}[i]
+        replies.append(_message(m, local, {"num-examples": SIZES[PARTS[nid]],
+                                           "server-round": 1}))
+    s.aggregate_train(1, replies)
+    stats = s.round_stats[1]
+    assert stats["dropped"] == 1 and "update-norm-bound" in stats["dropped_reasons"][0]
+    assert s._norm_history == [[a.norm for a in s.accepted if a.norm > 0]]
+
+
+def test_a_node_without_a_known_partition_cannot_outweigh_the_known_ones():
+    s = LoRAFedAvg(4, seed=0, node_to_client=PARTS, data_sizes=SIZES)
+    glob = _arrays(0)
+    msgs = list(s.configure_train(1, to_record(glob), ConfigRecord({}), FakeGrid(NODES + [44])))
+    replies = []
+    for m in msgs:
+        nid = m.metadata.dst_node_id
+        n = SIZES[PARTS[nid]] if nid in PARTS else 10**6
+        local = {k: v + 0.01 * _arrays(nid)[k] for k, v in glob.items()}
+        replies.append(_message(m, local, {"num-examples": n, "server-round": 1}))
+    s.aggregate_train(1, replies)
+    weights = {a.node_id: a.weight for a in s.accepted}
+    assert weights[44] == max(SIZES.values())
+
+
+def test_replies_from_nodes_not_messaged_or_twice_are_dropped():
+    s = _strategy("dense")
+    glob = _arrays(0)
+    msgs = list(s.configure_train(1, to_record(glob), ConfigRecord({}), FakeGrid(NODES)))
+    m = msgs[0]
+    arrays, metrics = _honest("dense", s, m, glob, 1)
+    stranger = _message(m, arrays, metrics)
+    stranger.metadata.__dict__["_src_node_id"] = 999
+    s.aggregate_train(1, [_message(m, arrays, metrics), _message(m, arrays, metrics), stranger])
+    reasons = s.round_stats[1]["dropped_reasons"]
+    assert s.round_stats[1]["num_clients"] == 1 and len(reasons) == 2
+    assert any("a second reply" in r for r in reasons) and any("node 999" in r for r in reasons)
+
+
+def test_a_tied_partition_count_is_not_trusted_and_absurd_counts_give_no_sizes():
+    from fedsoft import workload
+
+    answers = {1: {"partition-id": 0, "num-partitions": 1_000_000},
+               2: {"partition-id": 0, "num-partitions": 2}}
+    found = discover(_QueryGrid(list(answers), answers), list(answers))
+    assert found.num_partitions is None
+    cfg = dict(DEFAULTS, **{"max-train-examples": 50})
+    assert workload.server_partition_sizes(cfg, 1_000_000) == {}
+    assert sum(workload.server_partition_sizes(cfg, 2).values()) == 50
+
+
+def test_a_checkpointed_norm_history_must_be_finite():
+    s = _strategy("dense")
+    state = s.state_dict()
+    for bad in ([[float("nan")]], [[-1.0]]):
+        with pytest.raises(ValueError, match="norm_history"):
+            s.load_state_dict({**state, "norm_history": bad})
