@@ -53,8 +53,9 @@ CONSTANTS = {
 }
 
 
-# the channel and budget these tables were measured with (docs/results-calibration.md): paper
-# A's path loss d^-kappa with noise over the whole band, a 0.15 s budget, no deadline rule
+# the channel and budget these tables were measured with (docs/RESULTS.md, *Wireless
+# realism*): paper A's path loss d^-kappa with noise over the whole band, a 0.15 s budget,
+# no deadline rule
 PAPER_CHANNEL = {"path-loss-model": "paper", "bandwidth-noise": "total",
                  "noise-figure-db": 0.0, "latency-budget": 0.15, "tsfa-deadline": "off"}
 

@@ -11,7 +11,8 @@ SOFT scores s_j = ||b_j|| ||a_j|| (eq. 8) of the global adapter are logged to
 into ``<run-dir>/calibration.json`` (sigma_bar_r for r = 1..pilot rank, sigma_max), which the
 offline stage then reads. The other constants (kappa_R, kappa_S, kappa_C, kappa_E, R*, p) are
 weights of terms whose true values (L, c_r, C, eta, tau, G, X of eq. 23) a pilot this short
-cannot identify; they stay run-config keys and are assumptions (docs/results-calibration.md).
+cannot identify; they stay run-config keys and are assumptions (docs/RESULTS.md,
+*Wireless realism*).
 
 This module holds what does not need Flower: the pilot's run config, its identity (when a
 ``calibration.json`` may be reused) and :func:`simulate_pilot`, the same pilot in-process (the
