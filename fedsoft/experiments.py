@@ -18,7 +18,9 @@ config is skipped (resume after an interruption); a finished run with the same r
 in another experiment of the same scale and output root is copied instead of rerun (``--no-reuse``
 turns that off). ``--only PATTERN`` launches just the runs whose name matches (the figure
 keeps the runs finished earlier). ``fig2`` is a timing benchmark (SOFT vs product + SVD
-selection), not a Flower run; its measurements go to ``timings.jsonl``.
+selection), not a Flower run; its measurements go to ``timings.jsonl``. ``fig3c-long`` and
+``figB-het`` are issue 14's comparisons on the realistic channel (30 / 20 cheaper rounds at cpu
+scale; about 70 / 40 min for ``--seeds 3`` on 2 cores, see docs/RESULTS.md).
 
 Scales: ``ci`` (seconds to minutes, used by the tests: 2 SuperNodes, 2 rounds, 2 local steps,
 400 train / 100 test examples), ``cpu`` (MiniLM on a 2-core laptop, 6 SuperNodes, Dirichlet(0.5)
