@@ -336,11 +336,13 @@ def test_export_copies_what_the_figure_is_drawn_from(tmp_path):
 
 @pytest.fixture(scope="module")
 def ci_root(tmp_path_factory):
-    """Every figure at ci scale through the CLI, once for the module (shared runs copied)."""
+    """fig2 and FLWR_FIGURES at ci scale through the CLI, once for the module (shared runs
+    copied). Not "all": fig3c-long and figB-het would add 4 ci runs with pilots (128 s
+    measured); test_issue14_figures_expand_without_running_flower checks their designs."""
     root = tmp_path_factory.mktemp("experiments")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsoft.experiments", "all", "--scale", "ci", "--out-root",
-         str(root)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        [sys.executable, "-m", "fedsoft.experiments", "fig2", *FLWR_FIGURES, "--scale", "ci",
+         "--out-root", str(root)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     return root, proc.stdout
 
