@@ -41,6 +41,10 @@ CURVES: dict[str, tuple[str, list[tuple[str, str, bool]]]] = {
                         ("accuracy", "test accuracy", False)]),
     "fig7": ("round", [("accuracy", "test accuracy", False)]),
     "figB": ("sim_wallclock_s", [("accuracy", "test accuracy", False)]),
+    "fig3c-long": ("round", [("accuracy", "test accuracy", False),
+                             ("sparsity", "sparsification ratio rho", False),
+                             ("latency_avg_s", "realised average latency [s]", False)]),
+    "figB-het": ("sim_wallclock_s", [("accuracy", "test accuracy", False)]),
 }
 
 
@@ -207,12 +211,22 @@ def to_target(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | Non
 
 
 # per figure: extra summary columns (metric key, column label), each the mean over rounds
-# 1..T of the key in one run, then mean ± std over seeds
+# 1..T of the key in one run, then mean ± std over seeds; "final:KEY" is the key's value in the
+# last round that logs it and "final:KEY/OTHER" the ratio of two such values (see run_value)
 EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "fig3c": [("rank", "rank"), ("sparsity", "mean rho"), ("latency_s", "mean latency s"),
               ("queue", "mean queue s")],
     "fig56": [("cov_fro", "mean cov_fro")],
     "figB": [("sim_round_s", "mean sim. round s")],
+    # the realised average latency is the controller's running mean after the last round, so
+    # "final:", not the mean over rounds of a running mean
+    "fig3c-long": [("rank", "rank"), ("sparsity", "mean rho"),
+                   ("final:latency_avg_s", "realised avg latency s"),
+                   ("final:latency_budget_s", "budget s"),
+                   ("final:latency_avg_s/latency_budget_s", "avg latency / budget"),
+                   ("outage", "mean outage (clients/round)"), ("queue", "mean queue s")],
+    "figB-het": [("sim_round_s", "mean sim. round s"), ("participants", "mean participants"),
+                 ("final:sim_wallclock_s", "sim. s total")],
 }
 
 
@@ -220,6 +234,27 @@ def round_mean(metrics: Sequence[dict[str, Any]], key: str) -> float | None:
     """Mean of ``key`` over rounds >= 1 where it is logged (None if never)."""
     vals = [float(m[key]) for m in metrics if m.get("round", 0) >= 1 and m.get(key) is not None]
     return statistics.fmean(vals) if vals else None
+
+
+def final_value(metrics: Sequence[dict[str, Any]], key: str) -> float | None:
+    """``key`` in the last round >= 1 that logs it (None if never)."""
+    for m in reversed(metrics):
+        if m.get("round", 0) >= 1 and m.get(key) is not None:
+            return float(m[key])
+    return None
+
+
+def run_value(metrics: Sequence[dict[str, Any]], key: str) -> float | None:
+    """One run's value of an EXTRA_COLUMNS key: ``KEY`` = :func:`round_mean`, ``final:KEY`` =
+    :func:`final_value`, ``final:KEY/OTHER`` = their final values' ratio (None if missing)."""
+    if not key.startswith("final:"):
+        return round_mean(metrics, key)
+    num, _, den = key[len("final:"):].partition("/")
+    top = final_value(metrics, num)
+    if not den:
+        return top
+    bottom = final_value(metrics, den)
+    return None if top is None or not bottom else top / bottom
 
 
 def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dict[str, Any]]:
@@ -237,7 +272,7 @@ def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dic
     for (panel, series), rs in groups.items():
         cols = {}
         for key, _ in extra:
-            vals = [v for r in rs if (v := round_mean(r["metrics"], key)) is not None]
+            vals = [v for r in rs if (v := run_value(r["metrics"], key)) is not None]
             cols[key] = _mean_std(vals) if vals else None
         in_panel = {s: a for (p, s), a in finals.items() if p == panel}
         ref_name = "dense" if "dense" in in_panel else max(in_panel, key=in_panel.get)

@@ -69,6 +69,54 @@ def test_scales_follow_the_brief():
     assert {c["sampling"] for c in sketch.values()} == {"optimized", "uniform", "full"}
 
 
+def test_issue14_figures_expand_without_running_flower():
+    # fig3c-long / figB-het are not in FLWR_FIGURES (their ci runs would add minutes: TSFA's
+    # pilot, the sketch pilot); this checks their designs only
+    from fedsoft.wallclock import compute_speeds
+
+    long = ex.expand("fig3c-long", "cpu", seeds=3)
+    assert sorted({s.name for s in long}) == ["osfa-r1", "osfa-r2", "osfa-r32", "osfa-r8", "tsfa"]
+    assert {s.seed for s in long} == {0, 1, 2}
+    cfgs = {s.run_name: ex.resolved(s.overrides) for s in long}
+    for cfg in cfgs.values():
+        assert cfg["num-server-rounds"] >= 30
+        assert cfg["path-loss-model"] == "log-distance"
+        assert cfg["tsfa-deadline"] == "budget-multiple" and cfg["latency-budget"] == 0
+    assert cfgs["tsfa-s0"]["strategy"] == "tsfa" and cfgs["tsfa-s0"]["bound-calibration"] == "auto"
+    assert cfgs["tsfa-s0"]["latency-budget-fraction"] == 0.5  # the default
+    # one budget in seconds for every run: fraction x dense bits at the run's rank is the same
+    budget_bits = {name: cfg["latency-budget-fraction"] * ex.dense_upload_bits(
+        s.overrides, cfg["lora-rank"]) for s in long for name, cfg in [(s.run_name,
+                                                                        cfgs[s.run_name])]}
+    ref = budget_bits["tsfa-s0"]
+    assert all(abs(b / ref - 1) < 1e-12 for b in budget_bits.values())
+    assert {cfg["lora-rank"] for n, cfg in cfgs.items() if n.startswith("osfa")} == {1, 2, 8, 32}
+
+    het = ex.expand("figB-het", "cpu", seeds=3)
+    assert sorted({s.name for s in het}) == ["full", "optimized", "uniform"]
+    n = ex.FEDERATION["cpu"].supernodes
+    for spec in het:
+        cfg = ex.resolved(spec.overrides)
+        assert cfg["strategy"] == "sketch" and cfg["shadowing-db"] == 8.0
+        c = compute_speeds(n, 0.5, cfg["compute-heterogeneity"], spec.seed)
+        assert abs(c.max() / c.min() - 10.0) < 0.01  # 10x in every seed
+        assert cfg["sketch-calibration"] == ("auto" if spec.name == "optimized" else "")
+    assert len({ex.resolved(s.overrides)["compute-heterogeneity"] for s in het}) == 3
+    for name in ("fig3c-long", "figB-het"):
+        for spec in ex.expand(name, "ci"):
+            cfg = ex.resolved(spec.overrides)
+            assert cfg["num-server-rounds"] <= 2 and cfg["local-steps"] <= 2
+
+
+def test_final_columns_take_the_last_logged_value_and_ratios():
+    rows = [{"round": 0}, {"round": 1, "latency_avg_s": 2.0, "latency_budget_s": 1.0},
+            {"round": 2, "latency_avg_s": 1.5, "latency_budget_s": 1.0}, {"round": 3}]
+    assert plots.run_value(rows, "latency_avg_s") == 1.75
+    assert plots.run_value(rows, "final:latency_avg_s") == 1.5
+    assert plots.run_value(rows, "final:latency_avg_s/latency_budget_s") == 1.5
+    assert plots.run_value(rows, "final:outage") is None
+
+
 def test_render_quotes_strings_and_rejects_quotes():
     assert ex.render({"a": "x", "b": 2, "c": 0.5}) == 'a="x" b=2 c=0.5'
     with pytest.raises(ValueError, match="double quote"):
@@ -288,11 +336,13 @@ def test_export_copies_what_the_figure_is_drawn_from(tmp_path):
 
 @pytest.fixture(scope="module")
 def ci_root(tmp_path_factory):
-    """Every figure at ci scale through the CLI, once for the module (shared runs copied)."""
+    """fig2 and FLWR_FIGURES at ci scale through the CLI, once for the module (shared runs
+    copied). Not "all": fig3c-long and figB-het would add 4 ci runs with pilots (128 s
+    measured); test_issue14_figures_expand_without_running_flower checks their designs."""
     root = tmp_path_factory.mktemp("experiments")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsoft.experiments", "all", "--scale", "ci", "--out-root",
-         str(root)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        [sys.executable, "-m", "fedsoft.experiments", "fig2", *FLWR_FIGURES, "--scale", "ci",
+         "--out-root", str(root)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     return root, proc.stdout
 
