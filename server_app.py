@@ -28,12 +28,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = ServerApp()
 
 
-def sketch_system(cfg, work, num_clients: int):
-    """Paper B's system model (B.3) and the clients' data sizes a_n."""
+def sketch_system(cfg, work, num_clients: int, known: dict[int, int] | None = None):
+    """Paper B's system model (B.3) and the clients' data sizes a_n; ``known`` (the
+    server-known partition sizes) is reused when it covers exactly the ``num_clients``
+    partitions, so the training set is partitioned once."""
     shapes = lora.factor_shapes(work.model)
     head = sum(v.numel() for v in lora.get_head(work.model).values())
     system = sketch_plan.system_model(cfg, num_clients, int(cfg["lora-rank"]),
                                       sum(s.d + s.k for s in shapes), head)
+    if known and sorted(known) == list(range(num_clients)):
+        return system, [known[i] for i in range(num_clients)]
     train, _ = workload.splits(cfg)
     sizes = data.partition_sizes(
         train, str(cfg["partitioner"]), num_clients, seed=int(cfg["seed"]),
@@ -153,7 +157,7 @@ def main(grid: Grid, context: Context) -> None:
     sizes = workload.server_partition_sizes(cfg, found.num_partitions)
     sampling, sketch_summary, sketch_cal = None, None, None
     if cfg["strategy"] == "sketch":
-        system, psizes = sketch_system(cfg, work, len(node_ids))
+        system, psizes = sketch_system(cfg, work, len(node_ids), known=sizes)
         if cfg["sketch-calibration"] == "auto":
             saved = run_dir / sketch_calibration.CALIBRATION_FILE
             if resume is not None:  # the plan the run started with; a resume never re-pilots
