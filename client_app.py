@@ -10,8 +10,8 @@ from flwr.app import Array, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsoft.attacks import attack_class, hostile_reply
-from fedsoft.client_state import load_ef, save_ef, simulated_failure
 from fedsoft.client_update import local_round
+from fedsoft.compression.client_state import load_ef, save_ef, simulated_failure
 from fedsoft.config import split_message_config
 from strategies.records import to_numpy, to_record
 

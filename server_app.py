@@ -9,14 +9,18 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedsoft import checkpoint, data, lora, sketch_calibration, sketch_plan, tsfa_plan, workload
-from fedsoft.calibration import append_scores, keep_scores_through, layer_scores
-from fedsoft.channel import snr_line
+from fedsoft import checkpoint, lora
 from fedsoft.config import resolve
-from fedsoft.models import pick_device
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
-from fedsoft.sketch_opt import uniform_plan
-from fedsoft.train import evaluate
+from fedsoft.sketching import calibration as sketch_calibration
+from fedsoft.sketching import plan as sketch_plan
+from fedsoft.sketching.optimizer import uniform_plan
+from fedsoft.task import data, workload
+from fedsoft.task.models import pick_device
+from fedsoft.task.train import evaluate
+from fedsoft.wireless import plan as tsfa_plan
+from fedsoft.wireless.calibration import append_scores, keep_scores_through, layer_scores
+from fedsoft.wireless.channel import snr_line
 from strategies import pilot
 from strategies.discovery import discover, wait_for_nodes
 from strategies.factory import make_strategy
@@ -50,7 +54,7 @@ def sketch_system(cfg, work, num_clients: int, known: dict[int, int] | None = No
 def sketch_pilot(cfg, grid: Grid, work, test, device, system, sizes, node_to_client,
                  data_sizes) -> sketch_calibration.SketchCalibration:
     """``sketch-calibration = "auto"``: ``sketch-pilot-rounds`` rounds of the sketch strategy
-    at each (q, k) of :func:`fedsoft.sketch_calibration.pilot_settings` (uniform q, common k),
+    at each (q, k) of :func:`fedsoft.sketching.calibration.pilot_settings` (uniform q, common k),
     each from the initial adapter on this federation, the server-side test loss after every
     round; then alpha0, alpha1, xi fitted to the loss curves (B.4)."""
     rank, rounds = int(cfg["lora-rank"]), int(cfg["sketch-pilot-rounds"])

@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
-from fedsoft.orthogonality import orth_offdiag, orth_penalty
-from fedsoft.sparsifiers import SPARSIFIERS, from_rows, keep_count, to_rows
-from fedsoft.spectrum import svd_proxy_rel_err
+from fedsoft.compression.orthogonality import orth_offdiag, orth_penalty
+from fedsoft.compression.sparsifiers import SPARSIFIERS, from_rows, keep_count, to_rows
+from fedsoft.compression.spectrum import svd_proxy_rel_err
 
 D = K = 768  # ViT-Base hidden size
 N_LAYERS = 8  # 4 blocks x (q, v)

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsoft import lora, workload
-from fedsoft.error_feedback import ErrorFeedback
-from fedsoft.models import pick_device
-from fedsoft.sketch import layer_indices, sketch_reply, sketched_training
-from fedsoft.sparse_update import SparseSettings, encode_update
-from fedsoft.train import train_local
+from fedsoft import lora
+from fedsoft.compression.error_feedback import ErrorFeedback
+from fedsoft.compression.update import SparseSettings, encode_update
+from fedsoft.sketching.sketch import layer_indices, sketch_reply, sketched_training
+from fedsoft.task import workload
+from fedsoft.task.models import pick_device
+from fedsoft.task.train import train_local
 
 
 def sparse_settings(cfg: Mapping[str, Any], sparsity: float | None = None) -> SparseSettings:
@@ -54,7 +55,7 @@ def local_round(
     no error memory; otherwise it is the wire payload of :func:`encode_update` (eqs. 10-14).
     ``num-examples`` is the partition size, the data share p_i of eqs. (3)/(5).
     With ``sketch_k`` (paper B) only ``sketch_k`` of the r rank components per layer are trained
-    (indices from the shared seed) and the reply is their deltas (:mod:`fedsoft.sketch`).
+    (indices from the shared seed) and the reply is their deltas (:mod:`fedsoft.sketching.sketch`).
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id = {partition_id}: must be in [0, {num_partitions})")

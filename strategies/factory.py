@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 
 from fedsoft.client_update import sparse_settings
-from fedsoft.sketch_opt import SamplingPlan
-from fedsoft.tsfa_plan import TSFAPlan
-from fedsoft.wallclock import SystemModel
-from strategies.lora_fedavg import LoRAFedAvg
-from strategies.sketch import SketchFedAvg
-from strategies.sparse_fedavg import SparseLoRAFedAvg
-from strategies.tsfa import TSFA
+from fedsoft.sketching.optimizer import SamplingPlan
+from fedsoft.sketching.wallclock import SystemModel
+from fedsoft.wireless.plan import TSFAPlan
+
+from .lora_fedavg import LoRAFedAvg
+from .sketch import SketchFedAvg
+from .sparse_fedavg import SparseLoRAFedAvg
+from .tsfa import TSFA
 
 
 def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
@@ -23,8 +24,8 @@ def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
                   data_sizes: Mapping[int, int] | None = None) -> LoRAFedAvg:
     """``strategy`` + ``sparsifier`` keys -> strategy instance (config already validated).
 
-    ``tsfa`` (from :func:`fedsoft.tsfa_plan.plan`) is required for ``tsfa``/``osfa``;
-    ``sampling`` = (plan, system model, data sizes) (:mod:`fedsoft.sketch_plan`) for ``sketch``.
+    ``tsfa`` (from :func:`fedsoft.wireless.plan.plan`) is required for ``tsfa``/``osfa``;
+    ``sampling`` = (plan, system model, data sizes) (:mod:`fedsoft.sketching.plan`) for ``sketch``.
     ``data_sizes`` (partition id -> examples) are the server-known weights of eq. (5).
     """
     name = str(cfg["strategy"])
@@ -44,12 +45,12 @@ def make_strategy(cfg: Mapping[str, Any], *, tsfa: TSFAPlan | None = None,
         return SparseLoRAFedAvg(settings=sparse_settings(cfg), **common)
     if name in ("tsfa", "osfa"):
         if tsfa is None:
-            raise ValueError(f"strategy = {name!r} needs a TSFA plan (fedsoft.tsfa_plan.plan)")
+            raise ValueError(f"strategy = {name!r} needs a TSFA plan (fedsoft.wireless.plan.plan)")
         return TSFA(settings=sparse_settings(cfg), controller=tsfa.controller,
                     channel=tsfa.channel, **common)
     if name == "sketch":
         if sampling is None:
-            raise ValueError("strategy = 'sketch' needs a sampling plan (fedsoft.sketch_plan)")
+            raise ValueError("strategy = 'sketch' needs a sampling plan (fedsoft.sketching.plan)")
         plan, system, sizes = sampling
         rest = {k: v for k, v in common.items() if k != "clients_per_round"}  # all nodes may go
         return SketchFedAvg(plan, system, sizes, server_lr=float(cfg["server-lr"]), **rest)

@@ -23,7 +23,8 @@ from fedsoft.aggregate import (
     metric_int,
     weighted_average,
 )
-from strategies.records import ReplyLayout, checked_numpy, to_numpy, to_record
+
+from .records import ReplyLayout, checked_numpy, to_numpy, to_record
 
 NORM_ROUNDS = 3  # rounds of accepted update norms pooled into the norm bound's reference
 

@@ -2,11 +2,13 @@
 
 :func:`ensure_calibration` is the one call the ServerApp makes before the TSFA offline stage
 (eqs. 25-29). It reuses ``<run-dir>/calibration.json`` when a pilot with the same identity
-(:func:`fedsoft.pilot.identity`) wrote it, and on a resume (the pilot is never re-run there, so
+(:func:`fedsoft.wireless.pilot.identity`) wrote it, and on a resume (the pilot is never re-run
+there, so
 r* cannot move under a checkpoint); otherwise it runs :func:`run_pilot`, a small dense
 :class:`~strategies.lora_fedavg.LoRAFedAvg` run through its own ``start`` on the same Grid and
 clients, and measures sigma_bar_r (eq. 19) and sigma_max (Assumption 6) from its score log
-(A.8, :func:`fedsoft.calibration.calibrate_run`). The real run then starts from a fresh model
+(A.8, :func:`fedsoft.wireless.calibration.calibrate_run`). The real run then starts from a fresh
+model
 (the workload cache is cleared, the model is rebuilt from ``seed``) with its own strategy,
 sampling RNG and round numbers 1..T, so the pilot leaves its seeds and rounds as they were.
 """
@@ -21,8 +23,13 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedsoft import lora, tsfa_plan, workload
-from fedsoft.calibration import (
+from fedsoft import lora
+from fedsoft.config import ConfigError
+from fedsoft.durable import atomic_write_text
+from fedsoft.runlog import RunLog
+from fedsoft.task import workload
+from fedsoft.wireless import plan as tsfa_plan
+from fedsoft.wireless.calibration import (
     SCORES_FILE,
     append_scores,
     calibrate_run,
@@ -30,21 +37,19 @@ from fedsoft.calibration import (
     load_calibration,
     write_calibration,
 )
-from fedsoft.config import ConfigError
-from fedsoft.durable import atomic_write_text
-from fedsoft.offline import Calibration
-from fedsoft.pilot import AUTO, calibration_file, identity, pilot_config, reusable
-from fedsoft.runlog import RunLog
-from strategies.discovery import discover
-from strategies.lora_fedavg import LoRAFedAvg
-from strategies.records import to_numpy, to_record
+from fedsoft.wireless.offline_rank import Calibration
+from fedsoft.wireless.pilot import AUTO, calibration_file, identity, pilot_config, reusable
+
+from .discovery import discover
+from .lora_fedavg import LoRAFedAvg
+from .records import to_numpy, to_record
 
 __all__ = ["ensure_calibration", "run_pilot"]
 
 
 def run_pilot(grid: Grid, cfg: Mapping[str, Any], node_ids: Sequence[int]) -> Calibration:
     """Dense federated LoRA for ``bound-pilot-rounds`` rounds at max(``tsfa-ranks``) on
-    ``grid`` (config :func:`fedsoft.pilot.pilot_config`), the SOFT scores (eq. 8) of the
+    ``grid`` (config :func:`fedsoft.wireless.pilot.pilot_config`), the SOFT scores (eq. 8) of the
     global adapter logged after every applied round to ``<run-dir>/pilot/rank_scores.jsonl``,
     and their calibration (sigma_bar_r, sigma_max; A.8). A round every reply of which failed
     is not logged (its model is the previous one); a pilot with no applied round raises."""
@@ -113,7 +118,7 @@ def ensure_calibration(
       written with the pilot's identity. The measured sigma_bar_r, sigma_max and the r* of
       both the default and the measured constants are printed.
 
-    ``d_plus_k_total`` and ``payload_bits`` are those of :func:`fedsoft.tsfa_plan.plan`."""
+    ``d_plus_k_total`` and ``payload_bits`` are those of :func:`fedsoft.wireless.plan.plan`."""
     if str(cfg.get("bound-calibration", "")) != AUTO:
         return None
     if cfg["strategy"] != "tsfa":

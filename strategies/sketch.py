@@ -11,14 +11,14 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedsoft.aggregate import AcceptedReply
-from fedsoft.lora import HEAD_PREFIX
-from fedsoft.sampling import unbiased_update
-from fedsoft.sketch import expand_reply, layer_indices
-from fedsoft.sketch_opt import SamplingPlan
-from fedsoft.sparse_update import layer_specs
-from fedsoft.wallclock import SystemModel
-from strategies.lora_fedavg import LoRAFedAvg
-from strategies.records import ReplyLayout
+from fedsoft.layout import HEAD_PREFIX, layer_specs
+from fedsoft.sketching.independent_sampling import unbiased_update
+from fedsoft.sketching.optimizer import SamplingPlan
+from fedsoft.sketching.sketch import expand_reply, layer_indices
+from fedsoft.sketching.wallclock import SystemModel
+
+from .lora_fedavg import LoRAFedAvg
+from .records import ReplyLayout
 
 
 class SketchFedAvg(LoRAFedAvg):
@@ -26,7 +26,8 @@ class SketchFedAvg(LoRAFedAvg):
     and uploads a sketch of k_n of the r rank components per layer (indices from a shared seed),
     and the server applies X + eta_s sum (a_n / q_n) Delta_n, an unbiased estimate of the
     full-participation update (B.1). ``plan`` holds q and k per client (from
-    :func:`fedsoft.sketch_opt.optimize_sampling` or :func:`~fedsoft.sketch_opt.uniform_plan`);
+    :func:`fedsoft.sketching.optimizer.optimize_sampling` or
+    :func:`~fedsoft.sketching.optimizer.uniform_plan`);
     ``system`` simulates each round's wall-clock (compute + FDMA upload, B.3).
 
     ``node_to_client`` maps node ids to client indices (partition ids); ``data_shares`` are the

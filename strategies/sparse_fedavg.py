@@ -10,13 +10,15 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord
 from flwr.common import log
 
-from fedsoft import codec
-from fedsoft.covariance import cov_fro
-from fedsoft.orthogonality import orth_offdiag
-from fedsoft.sparse_update import SparseSettings, decode_update, head_arrays, layer_specs
-from fedsoft.spectrum import svd_proxy_rel_err
-from strategies.lora_fedavg import LoRAFedAvg
-from strategies.records import ReplyLayout
+from fedsoft.compression import codec
+from fedsoft.compression.covariance import cov_fro
+from fedsoft.compression.orthogonality import orth_offdiag
+from fedsoft.compression.spectrum import svd_proxy_rel_err
+from fedsoft.compression.update import SparseSettings, decode_update
+from fedsoft.layout import head_arrays, layer_specs
+
+from .lora_fedavg import LoRAFedAvg
+from .records import ReplyLayout
 
 
 def _factor_pairs(arrays: dict[str, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,7 +57,8 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         return cfg
 
     def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
-        """The codec's keys and dtypes (:mod:`fedsoft.codec`), the head in the wire dtype and
+        """The codec's keys and dtypes (:mod:`fedsoft.compression.codec`), the head in the wire
+        dtype and
         its own shape, at most twice the dense reply's bytes (checked before deserialising)."""
         wire = self.round_settings(server_round, node_id).dtype
         one_d = {codec.VALS: {wire}, codec.CNT: {"uint16", "uint32"}, codec.POS_MODE: {"uint8"},

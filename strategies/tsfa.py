@@ -11,21 +11,22 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 
-from fedsoft.channel import Channel
-from fedsoft.online import Decision, TSFAController, deadline_latency
-from fedsoft.sparse_update import (
+from fedsoft.compression.update import (
     SparseSettings,
     estimate_payload_bytes,
     head_arrays,
     layer_specs,
 )
-from strategies.sparse_fedavg import SparseLoRAFedAvg
+from fedsoft.wireless.channel import Channel
+from fedsoft.wireless.controller import Decision, TSFAController, deadline_latency
+
+from .sparse_fedavg import SparseLoRAFedAvg
 
 
 class TSFA(SparseLoRAFedAvg):
     """Two-stage wireless federated LoRA (arXiv 2505.00333, Sec. IV) as a Message-API strategy.
 
-    The rank is fixed before round 1 (offline stage, :func:`fedsoft.tsfa_plan.plan`). Each
+    The rank is fixed before round 1 (offline stage, :func:`fedsoft.wireless.plan.plan`). Each
     round the strategy samples K nodes (seeded), draws their Rayleigh CSI from ``channel``,
     lets ``controller`` pick the common sparsification ratio rho_t (P3, eq. 39) and the FDMA
     bandwidth shares (equal finish, eq. 41) on the server's CSI estimate

@@ -1,4 +1,4 @@
-"""Tests for fedsoft.data (loading, standardize, partitioning) and fedsoft.collate."""
+"""Tests for fedsoft.task.data (loading, standardize, partitioning) and fedsoft.task.collate."""
 
 import os
 
@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from fedsoft import data  # noqa: E402
-from fedsoft.collate import IMAGENET_MEAN, IMAGENET_STD, make_collate, make_loader  # noqa: E402
+from fedsoft.task import data  # noqa: E402
+from fedsoft.task.collate import IMAGENET_MEAN, IMAGENET_STD, make_collate, make_loader  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

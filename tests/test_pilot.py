@@ -7,10 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsoft import lora, pilot, tsfa_plan, workload
-from fedsoft.bound import sparsification_term
-from fedsoft.calibration import append_scores, calibrate_run, load_calibration, write_calibration
+from fedsoft import lora
 from fedsoft.config import DEFAULTS, ConfigError, resolve
+from fedsoft.task import workload
+from fedsoft.wireless import pilot
+from fedsoft.wireless import plan as tsfa_plan
+from fedsoft.wireless.bound import sparsification_term
+from fedsoft.wireless.calibration import (
+    append_scores,
+    calibrate_run,
+    load_calibration,
+    write_calibration,
+)
 from strategies import pilot as server_pilot
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsoft.config import DEFAULTS, ConfigError, resolve
-from fedsoft.sketch_calibration import (
+from fedsoft.sketching.calibration import (
     PilotRun,
     design_row,
     fit_constants,
@@ -16,8 +16,8 @@ from fedsoft.sketch_calibration import (
     rounds_to_target,
     write_sketch_calibration,
 )
-from fedsoft.sketch_opt import SketchObjective
-from fedsoft.sketch_plan import objective
+from fedsoft.sketching.optimizer import SketchObjective
+from fedsoft.sketching.plan import objective
 
 RANK = 8
 A = np.array([0.3, 0.25, 0.2, 0.15, 0.1])

@@ -6,10 +6,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedsoft.aggregate import weighted_average
+from fedsoft.compression.error_feedback import ErrorFeedback
+from fedsoft.compression.update import SparseSettings, decode_update, encode_update
 from fedsoft.config import DEFAULTS
-from fedsoft.error_feedback import ErrorFeedback
-from fedsoft.sparse_update import SparseSettings, decode_update, encode_update
-from fedsoft.tsfa_plan import plan
+from fedsoft.wireless.plan import plan
 from strategies import TSFA, LoRAFedAvg, SparseLoRAFedAvg
 from strategies.records import to_numpy, to_record
 
