@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from fedsoft.attacks import attack_class, hostile_reply
 from fedsoft.client_update import local_round
 from fedsoft.compression.client_state import load_ef, save_ef, simulated_failure
-from fedsoft.config import split_message_config
+from fedsoft.config import RunConfig, split_message_config
 from strategies.records import to_numpy, to_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,14 +31,14 @@ def train(msg: Message, context: Context) -> Message:
     cfg, extras = split_message_config(dict(msg.content["config"]))
     partition_id = int(context.node_config["partition-id"])
     server_round = int(extras.get("server-round", 0))
-    if simulated_failure(int(cfg["seed"]), server_round, partition_id,
-                         float(cfg["fail-fraction"])):
-        if cfg["fail-mode"] == "timeout":
-            time.sleep(float(cfg["round-timeout"]) + 5.0)
+    if simulated_failure(cfg.run.seed, server_round, partition_id,
+                         cfg.run.fail_fraction):
+        if cfg.run.fail_mode == "timeout":
+            time.sleep(cfg.run.round_timeout + 5.0)
         raise RuntimeError(f"simulated failure of partition {partition_id} in round "
-                           f"{server_round} (fail-fraction = {cfg['fail-fraction']})")
-    hostile = int(cfg["attack-partition"]) == partition_id
-    if hostile and cfg["attack-mode"] == "crash":
+                           f"{server_round} (fail-fraction = {cfg.run.fail_fraction})")
+    hostile = cfg.run.attack_partition == partition_id
+    if hostile and cfg.run.attack_mode == "crash":
         raise RuntimeError(f"attack-mode = 'crash': partition {partition_id} fails round "
                            f"{server_round}")
     state_dir = _state_dir(cfg, context)
@@ -63,11 +63,11 @@ def train(msg: Message, context: Context) -> Message:
         context.state[EF_KEY] = to_record(ef_new)
         if state_dir is not None:
             save_ef(state_dir, partition_id, server_round, ef_new,
-                    keep_every=int(cfg["checkpoint-every"]))
+                    keep_every=cfg.run.checkpoint_every)
     metrics["server-round"] = server_round  # binds the reply to the round it answers
     record = to_record(arrays)
     if hostile:  # fault injection (attack-partition): a reply the server must drop
-        bad = hostile_reply(attack_class(str(cfg["attack-mode"]), server_round), arrays,
+        bad = hostile_reply(attack_class(cfg.run.attack_mode, server_round), arrays,
                             metrics, to_numpy(msg.content["arrays"]), seed=server_round)
         record = to_record(bad.arrays)
         for key, raw in bad.raw.items():
@@ -78,14 +78,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _state_dir(cfg: dict, context: Context) -> Path | None:
+def _state_dir(cfg: RunConfig, context: Context) -> Path | None:
     """Where this node keeps its error memory: node-config ``state-dir``, ``client-state-dir``,
     or ``<run-dir>/client-state``; None when none is known."""
     if context.node_config.get("state-dir"):
         return Path(str(context.node_config["state-dir"]))
-    if cfg["client-state-dir"]:
-        return Path(str(cfg["client-state-dir"]))
-    return Path(str(cfg["run-dir"])) / "client-state" if cfg["run-dir"] else None
+    if cfg.run.client_state_dir:
+        return Path(cfg.run.client_state_dir)
+    return Path(cfg.run.run_dir) / "client-state" if cfg.run.run_dir else None
 
 
 @app.query()

@@ -31,7 +31,7 @@ def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _state(**extra) -> dict:
-    return {"config": resolve({}), "strategy": {"rng": [1, 2]}, "metrics": [{"round": 1}],
+    return {"config": resolve({}).flat(), "strategy": {"rng": [1, 2]}, "metrics": [{"round": 1}],
             **extra}
 
 

@@ -190,4 +190,4 @@ def test_every_class_of_bad_value_names_the_key_and_value(override, key):
 
 def test_resolved_config_is_json_serialisable_for_checkpoints():
     cfg = resolve({"strategy": "tsfa"})
-    assert json.loads(json.dumps(cfg)) == cfg
+    assert json.loads(json.dumps(cfg.flat())) == cfg

@@ -114,7 +114,7 @@ def test_no_valid_reply_leaves_global_unchanged():
 
 
 def _tsfa(strategy="tsfa", **over):
-    cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft", clients_per_round=3)
+    cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft")
     cfg.update({"tsfa-deadline": "off", **over})
     cfg["clients-per-round"] = 3
     cfg["payload-model"] = "values"  # fake 2-layer arrays: the values-only payload of eq. (6)

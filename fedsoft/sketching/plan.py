@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fedsoft.config import ConfigError
+from fedsoft.config import ConfigError, ConfigLike, RunConfig
 from fedsoft.sketching.calibration import SketchCalibration, load_sketch_calibration
 from fedsoft.sketching.optimizer import (
     SamplingPlan,
@@ -28,40 +28,42 @@ SAMPLING_KEYS = ("sampling", "sampling-q", "sampling-q-min", "sketch-ratio", "sk
                  "sketch-calibration")
 
 
-def system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_total: int,
+def system_model(cfg: ConfigLike, num_clients: int, rank: int, d_plus_k_total: int,
                  head_values: int) -> SystemModel:
     """Heterogeneous compute (B.3) and the channel of A.3 for ``num_clients`` clients; a bad
     value is a ConfigError naming its run-config key."""
+    cfg = RunConfig.coerce(cfg)
     with run_config_errors(cfg, SYSTEM_KEYS):
         return _system_model(cfg, num_clients, rank, d_plus_k_total, head_values)
 
 
-def _system_model(cfg: Mapping[str, Any], num_clients: int, rank: int, d_plus_k_total: int,
+def _system_model(cfg: RunConfig, num_clients: int, rank: int, d_plus_k_total: int,
                   head_values: int) -> SystemModel:
     cc = channel_config(cfg, num_clients)
-    steps = int(cfg["local-steps"]) or 1
+    steps = cfg.training.local_steps or 1
     return SystemModel(
-        compute_s=compute_speeds(num_clients, float(cfg["compute-s-per-step"]),
-                                 float(cfg["compute-heterogeneity"]), int(cfg["seed"])),
+        compute_s=compute_speeds(num_clients, cfg.sketching.compute_s_per_step,
+                                 cfg.sketching.compute_heterogeneity, cfg.run.seed),
         steps=steps,
-        lora_share=float(cfg["compute-lora-share"]),
+        lora_share=cfg.sketching.compute_lora_share,
         rank=int(rank),
         bits_per_rank=float(d_plus_k_total * cc.bits_per_value),
         head_bits=float(head_values * cc.bits_per_value),
-        channel=Channel(cc, seed=int(cfg["seed"])),
-        allocation=str(cfg["bandwidth-allocation"]),  # type: ignore[arg-type]
-        round_overhead_s=float(cfg["round-overhead-s"]),
+        channel=Channel(cc, seed=cfg.run.seed),
+        allocation=cfg.sketching.bandwidth_allocation,  # type: ignore[arg-type]
+        round_overhead_s=cfg.sketching.round_overhead_s,
     )
 
 
-def objective(cfg: Mapping[str, Any], calibration: SketchCalibration | None = None
+def objective(cfg: ConfigLike, calibration: SketchCalibration | None = None
               ) -> SketchObjective:
     """alpha0, alpha1, xi of R_eps (B.4): from ``calibration`` (the ``auto`` pilot's fit), from
     the file ``sketch-calibration`` names, or the ``sketch-alpha0/alpha1/xi`` keys (``""``).
     A missing or malformed file is a ConfigError naming ``sketch-calibration``."""
+    cfg = RunConfig.coerce(cfg)
     if calibration is not None:
         return calibration.objective()
-    source = str(cfg.get("sketch-calibration", ""))
+    source = cfg.sketching.sketch_calibration
     if source == "auto":
         raise ConfigError("run-config key 'sketch-calibration' = 'auto': the pilot's fit must "
                           "be passed in (fedsoft.sketching.calibration.fit_constants)")
@@ -70,32 +72,33 @@ def objective(cfg: Mapping[str, Any], calibration: SketchCalibration | None = No
             return load_sketch_calibration(source).objective()
         except ValueError as exc:
             raise ConfigError(f"run-config key 'sketch-calibration' = {source!r}: {exc}") from exc
-    return SketchObjective(float(cfg["sketch-alpha0"]), float(cfg["sketch-alpha1"]),
-                           float(cfg["sketch-xi"]))
+    return SketchObjective(cfg.sketching.sketch_alpha0, cfg.sketching.sketch_alpha1,
+                           cfg.sketching.sketch_xi)
 
 
-def plan(cfg: Mapping[str, Any], system: SystemModel, data_sizes: Sequence[int],
+def plan(cfg: ConfigLike, system: SystemModel, data_sizes: Sequence[int],
          calibration: SketchCalibration | None = None) -> SamplingPlan:
     """q and k per client for ``sampling`` = optimized | uniform | full (B.5 baselines), J
     priced with :func:`objective`; a bad value is a ConfigError naming its run-config key."""
+    cfg = RunConfig.coerce(cfg)
     with run_config_errors(cfg, SAMPLING_KEYS):
         return _plan(cfg, system, data_sizes, objective(cfg, calibration))
 
 
-def _plan(cfg: Mapping[str, Any], system: SystemModel, data_sizes: Sequence[int],
+def _plan(cfg: RunConfig, system: SystemModel, data_sizes: Sequence[int],
           obj: SketchObjective) -> SamplingPlan:
     a = np.asarray(data_sizes, dtype=np.float64)
-    k0 = max(1, int(round(float(cfg["sketch-ratio"]) * system.rank)))
-    draws, seed = int(cfg["sketch-mc-draws"]), int(cfg["seed"])
-    mode = str(cfg["sampling"])
+    k0 = max(1, int(round(cfg.sketching.sketch_ratio * system.rank)))
+    draws, seed = cfg.sketching.sketch_mc_draws, cfg.run.seed
+    mode = cfg.sketching.sampling
     if mode == "full":
         return uniform_plan(system, a, obj, 1.0, k0, draws=draws, seed=seed)
     if mode == "uniform":
-        return uniform_plan(system, a, obj, float(cfg["sampling-q"]), k0,
+        return uniform_plan(system, a, obj, cfg.sketching.sampling_q, k0,
                             draws=draws, seed=seed)
     return optimize_sampling(
-        system, a, obj, budget=float(cfg["sampling-q"]) * system.num_clients, k_init=k0,
-        optimize_k=str(cfg["sketch-k"]) == "optimized", q_min=float(cfg["sampling-q-min"]),
+        system, a, obj, budget=cfg.sketching.sampling_q * system.num_clients, k_init=k0,
+        optimize_k=cfg.sketching.sketch_k == "optimized", q_min=cfg.sketching.sampling_q_min,
         draws=draws, seed=seed,
     )
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from fedsoft import lora
 from fedsoft.aggregate import weighted_average
-from fedsoft.config import ConfigError, parse_int_list, validate
+from fedsoft.config import ConfigError, ConfigLike, RunConfig, parse_int_list
 from fedsoft.task import workload
 from fedsoft.wireless.calibration import CALIBRATION_FILE, append_scores, layer_scores
 
@@ -64,47 +64,49 @@ _NOT_IDENTITY = frozenset({
 _NOT_IDENTITY_PREFIXES = ("bound-", "channel-", "sketch-", "sampling", "compute-")
 
 
-def pilot_rank(cfg: Mapping[str, Any]) -> int:
+def pilot_rank(cfg: ConfigLike) -> int:
     """The pilot's LoRA rank: the largest candidate of ``tsfa-ranks`` (every candidate rank r
     then has a measured sigma_bar_r, eq. 19)."""
-    return max(parse_int_list(str(cfg["tsfa-ranks"]), "tsfa-ranks"))
+    cfg = RunConfig.coerce(cfg)
+    return max(parse_int_list(cfg.tsfa.tsfa_ranks, "tsfa-ranks"))
 
 
-def pilot_config(cfg: Mapping[str, Any], run_dir: Path | str) -> dict[str, Any]:
+def pilot_config(cfg: ConfigLike, run_dir: Path | str) -> RunConfig:
     """The run config the pilot's clients train with: dense FedAvg (``strategy = fedavg``,
     ``sparsifier = dense``) at :func:`pilot_rank`, ``bound-pilot-rounds`` rounds of
     ``bound-pilot-local-steps`` steps, the run's zeta, no checkpoints, its own
     run-dir ``<run-dir>/pilot``. Everything else (model, data, partition, seed, K, lr) is the
     real run's."""
-    out = dict(cfg)
-    out.update({
+    cfg = RunConfig.coerce(cfg)
+    return cfg.with_values({
         "strategy": "fedavg", "sparsifier": "dense", "sparsity": 0.0,
         "lora-rank": pilot_rank(cfg),
-        "num-server-rounds": int(cfg["bound-pilot-rounds"]),
-        "local-steps": int(cfg["bound-pilot-local-steps"]),
+        "num-server-rounds": cfg.bound.bound_pilot_rounds,
+        "local-steps": cfg.bound.bound_pilot_local_steps,
         "checkpoint-every": 0, "resume-from": "", "bound-calibration": "",
         "run-dir": str(Path(run_dir) / PILOT_DIR),
     })
-    return validate(out)
 
 
-def identity(cfg: Mapping[str, Any], num_nodes: int) -> dict[str, Any]:
+def identity(cfg: ConfigLike, num_nodes: int) -> dict[str, Any]:
     """What decides the pilot's measurement: its config minus the keys it does not use, and
     the number of SuperNodes. A ``calibration.json`` is reused only for an equal identity."""
+    cfg = RunConfig.coerce(cfg)
     pcfg = pilot_config(cfg, ".")
     keep = {k: v for k, v in sorted(pcfg.items())
             if k not in _NOT_IDENTITY and not k.startswith(_NOT_IDENTITY_PREFIXES)}
-    keep["bound-pilot-rounds"] = int(cfg["bound-pilot-rounds"])
-    keep["bound-pilot-local-steps"] = int(cfg["bound-pilot-local-steps"])
+    keep["bound-pilot-rounds"] = cfg.bound.bound_pilot_rounds
+    keep["bound-pilot-local-steps"] = cfg.bound.bound_pilot_local_steps
     keep["num-nodes"] = int(num_nodes)
     return json.loads(json.dumps(keep))  # the form it has once read back from the file
 
 
-def calibration_file(cfg: Mapping[str, Any]) -> Path:
+def calibration_file(cfg: ConfigLike) -> Path:
     """``<run-dir>/calibration.json``, the file ``bound-calibration = "auto"`` reads."""
-    if not cfg.get("run-dir"):
+    cfg = RunConfig.coerce(cfg)
+    if not cfg.run.run_dir:
         raise ConfigError("run-config key 'bound-calibration' = 'auto': needs a run-dir")
-    return Path(str(cfg["run-dir"])) / CALIBRATION_FILE
+    return Path(cfg.run.run_dir) / CALIBRATION_FILE
 
 
 def reusable(path: Path | str, ident: Mapping[str, Any]) -> bool:
@@ -121,12 +123,13 @@ def reusable(path: Path | str, ident: Mapping[str, Any]) -> bool:
         return False
 
 
-def simulate_pilot(cfg: Mapping[str, Any], num_nodes: int, out_dir: Path | str) -> Path:
+def simulate_pilot(cfg: ConfigLike, num_nodes: int, out_dir: Path | str) -> Path:
     """The pilot without Flower, for benches: the same client code
     (:func:`fedsoft.client_update.local_round`), seeded K-of-N sampling of partitions as
     :class:`strategies.lora_fedavg.LoRAFedAvg` draws it, eq.-(5) aggregation weighted by
     partition size, and the per-round score log ``<out_dir>/rank_scores.jsonl`` (round 0 = the
     initial adapter). No update-norm bound and no failure injection. Returns ``out_dir``."""
+    cfg = RunConfig.coerce(cfg)
     from fedsoft.client_update import local_round  # torch training, imported when used
 
     pcfg = pilot_config(cfg, out_dir)
@@ -137,9 +140,9 @@ def simulate_pilot(cfg: Mapping[str, Any], num_nodes: int, out_dir: Path | str) 
     work = workload.build_workload(pcfg)
     global_arrays = lora.to_arrays(work.model)
     append_scores(out, 0, layer_scores(work.model))
-    rng = random.Random(int(pcfg["seed"]))
-    k = min(int(pcfg["clients-per-round"]), int(num_nodes))
-    for t in range(1, int(pcfg["num-server-rounds"]) + 1):
+    rng = random.Random(pcfg.run.seed)
+    k = min(pcfg.run.clients_per_round, int(num_nodes))
+    for t in range(1, pcfg.run.num_server_rounds + 1):
         chosen = sorted(rng.sample(list(range(int(num_nodes))), k))
         replies, weights = [], []
         for pid in chosen:

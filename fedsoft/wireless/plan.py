@@ -14,7 +14,7 @@ import numpy as np
 
 from fedsoft.client_update import sparse_settings
 from fedsoft.compression.update import estimate_payload_bytes
-from fedsoft.config import DEFAULTS, ConfigError, parse_int_list
+from fedsoft.config import DEFAULTS, ConfigError, ConfigLike, RunConfig, parse_int_list
 from fedsoft.layout import LayerSpec
 from fedsoft.wireless.bound import BoundConstants
 from fedsoft.wireless.calibration import load_calibration
@@ -130,9 +130,10 @@ def as_config_error(exc: BaseException, cfg: Mapping[str, Any],
 
 
 @contextmanager
-def run_config_errors(cfg: Mapping[str, Any], stage_keys: Sequence[str] = ()) -> Iterator[None]:
+def run_config_errors(cfg: ConfigLike, stage_keys: Sequence[str] = ()) -> Iterator[None]:
     """Re-raise ValueError, TypeError and ArithmeticError of the block as :func:`as_config_error`
     (a :class:`ConfigError`, itself a ValueError) where it names a key; other errors pass."""
+    cfg = RunConfig.coerce(cfg)
     try:
         yield
     except ConfigError:
@@ -165,28 +166,29 @@ class TSFAPlan:
     payload_model: str = "values"
 
 
-def channel_config(cfg: Mapping[str, Any], num_clients: int) -> ChannelConfig:
+def channel_config(cfg: ConfigLike, num_clients: int) -> ChannelConfig:
     """ChannelConfig (A.3) from run-config keys; q follows the wire dtype (32 or 16 bits)."""
+    cfg = RunConfig.coerce(cfg)
     return ChannelConfig(
         num_clients=num_clients,
-        min_distance_m=float(cfg["channel-distance-min"]),
-        max_distance_m=float(cfg["channel-distance-max"]),
-        path_loss_exponent=float(cfg["path-loss-exponent"]),
-        tx_power_w=float(cfg["tx-power-w"]),
-        bandwidth_hz=float(cfg["bandwidth-hz"]),
-        noise_psd_dbm_per_hz=float(cfg["noise-psd-dbm-hz"]),
-        bits_per_value=16 if cfg["wire-dtype"] == "float16" else 32,
-        path_loss_model=str(cfg["path-loss-model"]),  # type: ignore[arg-type]
-        ref_loss_db=float(cfg["path-loss-ref-db"]),
-        ref_distance_m=float(cfg["path-loss-ref-distance-m"]),
-        shadowing_db=float(cfg["shadowing-db"]),
-        noise_figure_db=float(cfg["noise-figure-db"]),
-        bandwidth_noise=str(cfg["bandwidth-noise"]),  # type: ignore[arg-type]
-        csi_error=float(cfg["csi-error"]),
+        min_distance_m=cfg.channel.channel_distance_min,
+        max_distance_m=cfg.channel.channel_distance_max,
+        path_loss_exponent=cfg.channel.path_loss_exponent,
+        tx_power_w=cfg.channel.tx_power_w,
+        bandwidth_hz=cfg.channel.bandwidth_hz,
+        noise_psd_dbm_per_hz=cfg.channel.noise_psd_dbm_hz,
+        bits_per_value=16 if cfg.compression.wire_dtype == "float16" else 32,
+        path_loss_model=cfg.channel.path_loss_model,  # type: ignore[arg-type]
+        ref_loss_db=cfg.channel.path_loss_ref_db,
+        ref_distance_m=cfg.channel.path_loss_ref_distance_m,
+        shadowing_db=cfg.channel.shadowing_db,
+        noise_figure_db=cfg.channel.noise_figure_db,
+        bandwidth_noise=cfg.channel.bandwidth_noise,  # type: ignore[arg-type]
+        csi_error=cfg.channel.csi_error,
     )
 
 
-def bound_constants(cfg: Mapping[str, Any]) -> BoundConstants:
+def bound_constants(cfg: ConfigLike) -> BoundConstants:
     """Surrogate Phi constants (A.8) from run-config keys (PROPOSED-L, all configurable).
 
     With ``bound-calibration`` set, sigma_bar_r (per rank, eq. 19) and sigma_max (Assumption
@@ -195,19 +197,20 @@ def bound_constants(cfg: Mapping[str, Any]) -> BoundConstants:
     pilot of :func:`strategies.pilot.ensure_calibration` writes (TSFA only: OSFA fixes the rank
     and P3, eq. 39, does not depend on sigma, so ``"auto"`` leaves it on the two keys).
     """
-    sigma_bar: float | np.ndarray = float(cfg["bound-sigma-bar"])
-    sigma_max = float(cfg["bound-sigma-max"])
-    path = str(cfg.get("bound-calibration", ""))
+    cfg = RunConfig.coerce(cfg)
+    sigma_bar: float | np.ndarray = cfg.bound.bound_sigma_bar
+    sigma_max = cfg.bound.bound_sigma_max
+    path = cfg.bound.bound_calibration
     if path == AUTO:
-        path = str(calibration_file(cfg)) if cfg["strategy"] == "tsfa" else ""
+        path = str(calibration_file(cfg)) if cfg.run.strategy == "tsfa" else ""
         if path and not Path(path).is_file():
             raise ConfigError(
                 f"run-config key 'bound-calibration' = 'auto': {path} not found; the ServerApp "
                 "writes it with a pilot run before the offline stage (strategies.pilot)")
     if path:
         sigma_bar, sigma_max = load_calibration(path)
-        ranks = (parse_int_list(str(cfg["tsfa-ranks"]), "tsfa-ranks")
-                 if cfg["strategy"] == "tsfa" else [int(cfg["lora-rank"])])
+        ranks = (parse_int_list(cfg.tsfa.tsfa_ranks, "tsfa-ranks")
+                 if cfg.run.strategy == "tsfa" else [cfg.training.lora_rank])
         if max(ranks) > sigma_bar.size:
             raise ValueError(
                 f"bound-calibration={path!r} has sigma_bar for ranks 1..{sigma_bar.size}, but the "
@@ -215,23 +218,24 @@ def bound_constants(cfg: Mapping[str, Any]) -> BoundConstants:
                 f"lora-rank >= {max(ranks)} or drop the larger ranks from tsfa-ranks"
             )
     return BoundConstants(
-        kappa_R=float(cfg["bound-kappa-r"]),
-        kappa_S=float(cfg["bound-kappa-s"]),
-        kappa_C=float(cfg["bound-kappa-c"]),
-        kappa_E=float(cfg["bound-kappa-e"]),
-        r_star_ideal=float(cfg["bound-rank-ideal"]),
+        kappa_R=cfg.bound.bound_kappa_r,
+        kappa_S=cfg.bound.bound_kappa_s,
+        kappa_C=cfg.bound.bound_kappa_c,
+        kappa_E=cfg.bound.bound_kappa_e,
+        r_star_ideal=cfg.bound.bound_rank_ideal,
         sigma_bar=sigma_bar,
         sigma_max=sigma_max,
-        p=int(cfg["bound-p"]),
+        p=cfg.bound.bound_p,
     )
 
 
-def payload_bits_fn(cfg: Mapping[str, Any], layer_dims: Sequence[tuple[str, int, int]],
+def payload_bits_fn(cfg: ConfigLike, layer_dims: Sequence[tuple[str, int, int]],
                     head_sizes: Sequence[int]) -> Callable[[int, float], float]:
     """(r, rho) -> bits of one client's encoded upload at rank r (values in ``wire-dtype``,
     positions as the codec sends them for ``sparsifier``, counts, dense head, Flower framing).
     ``layer_dims`` are (name, d, k) of the adapted layers."""
-    dtype = str(cfg["wire-dtype"])
+    cfg = RunConfig.coerce(cfg)
+    dtype = cfg.compression.wire_dtype
     seeded = bool(sparse_settings(cfg, 0.0).make().positions_from_seed)
 
     def bits(rank: int, rho: float) -> float:
@@ -242,8 +246,9 @@ def payload_bits_fn(cfg: Mapping[str, Any], layer_dims: Sequence[tuple[str, int,
     return bits
 
 
-def payload_bits_for_model(cfg: Mapping[str, Any], model: Any) -> Callable[[int, float], float]:
+def payload_bits_for_model(cfg: ConfigLike, model: Any) -> Callable[[int, float], float]:
     """:func:`payload_bits_fn` for a peft LoRA model (its adapted layers and dense head)."""
+    cfg = RunConfig.coerce(cfg)
     from fedsoft import lora  # lazy: torch
 
     shapes = lora.factor_shapes(model)
@@ -256,7 +261,7 @@ def values_payload_fn(d_plus_k_total: int, q: int) -> Callable[[int, float], flo
     return lambda rank, rho: (1.0 - float(rho)) * int(rank) * d_plus_k_total * q
 
 
-def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
+def plan(cfg: ConfigLike, num_clients: int, d_plus_k_total: int,
          payload_bits: Callable[[int, float], float] | None = None) -> TSFAPlan:
     """Offline stage for ``strategy = tsfa`` (rank r* from the mean channel, Lemma 2) or the
     user-fixed rank for ``osfa``; then the online controller (eqs. 30-41).
@@ -267,8 +272,9 @@ def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
     predicted latency all use it. Without it (or with ``payload-model = "values"``) they use the
     values-only count of eq. (29); a warning says so when ``wire`` was asked for.
     """
+    cfg = RunConfig.coerce(cfg)
     with run_config_errors(cfg, CHANNEL_KEYS):
-        channel = Channel(channel_config(cfg, num_clients), seed=int(cfg["seed"]))
+        channel = Channel(channel_config(cfg, num_clients), seed=cfg.run.seed)
         _ = channel.noise_w  # an overflowing noise PSD fails here, named as a channel key
         if not np.all(channel.mean_gains() > 0.0):
             raise ValueError("full_snr must be > 0: the mean gains underflow to 0")
@@ -278,20 +284,21 @@ def plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
         return _plan(cfg, num_clients, d_plus_k_total, payload_bits, channel, bound)
 
 
-def budget_seconds(cfg: Mapping[str, Any], dense_s: float) -> float:
+def budget_seconds(cfg: ConfigLike, dense_s: float) -> float:
     """T_bar in seconds (eq. 24c): ``latency-budget`` when > 0, else
     ``latency-budget-fraction`` x ``dense_s``, the nominal dense round latency."""
-    given = float(cfg["latency-budget"])
-    return given if given > 0 else float(cfg["latency-budget-fraction"]) * dense_s
+    cfg = RunConfig.coerce(cfg)
+    given = cfg.tsfa.latency_budget
+    return given if given > 0 else cfg.tsfa.latency_budget_fraction * dense_s
 
 
-def _budget_error(cfg: Mapping[str, Any], min_s: float, dense_s: float, what: str
+def _budget_error(cfg: RunConfig, min_s: float, dense_s: float, what: str
                   ) -> ConfigError:
-    if float(cfg["latency-budget"]) > 0:
-        key, given = "latency-budget", float(cfg["latency-budget"])
+    if cfg.tsfa.latency_budget > 0:
+        key, given = "latency-budget", cfg.tsfa.latency_budget
         smallest = f"latency-budget = {min_s:.6g} s"
     else:
-        key, given = "latency-budget-fraction", float(cfg["latency-budget-fraction"])
+        key, given = "latency-budget-fraction", cfg.tsfa.latency_budget_fraction
         smallest = f"latency-budget-fraction = {min_s / dense_s:.6g} (x the nominal dense " \
                    f"latency {dense_s:.6g} s, i.e. {min_s:.6g} s)"
     return ConfigError(
@@ -299,12 +306,12 @@ def _budget_error(cfg: Mapping[str, Any], min_s: float, dense_s: float, what: st
         f"budget is {smallest}")
 
 
-def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
+def _plan(cfg: RunConfig, num_clients: int, d_plus_k_total: int,
           payload_bits: Callable[[int, float], float] | None, channel: Channel,
           bound: BoundConstants) -> TSFAPlan:
-    k = min(int(cfg["clients-per-round"]), num_clients)
+    k = min(cfg.run.clients_per_round, num_clients)
     q = channel.config.bits_per_value
-    model = str(cfg["payload-model"])
+    model = cfg.tsfa.payload_model
     if model == "wire" and payload_bits is None:
         warnings.warn(
             "payload-model = 'wire' but no payload_bits was given to tsfa_plan.plan: planning "
@@ -314,13 +321,13 @@ def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
         model = "values"
     bits = payload_bits if model == "wire" and payload_bits is not None else \
         values_payload_fn(d_plus_k_total, q)
-    rho_min, rho_max = float(cfg["sparsity-min"]), float(cfg["sparsity-max"])
-    nominal = str(cfg["offline-nominal"])
+    rho_min, rho_max = cfg.tsfa.sparsity_min, cfg.tsfa.sparsity_max
+    nominal = cfg.tsfa.offline_nominal
     _, per_bit = nominal_seconds_per_bit(channel, k, nominal)
-    dense_s = float(bits(int(cfg["lora-rank"]), 0.0)) * per_bit
+    dense_s = float(bits(cfg.training.lora_rank, 0.0)) * per_bit
     t_bar = budget_seconds(cfg, dense_s)
-    if cfg["strategy"] == "osfa":
-        rank = int(cfg["lora-rank"])
+    if cfg.run.strategy == "osfa":
+        rank = cfg.training.lora_rank
         floor = float(bits(rank, rho_max)) * per_bit
         if floor > t_bar:
             raise _budget_error(cfg, floor, dense_s, f"rank {rank} needs {floor:.6g} s at "
@@ -329,7 +336,7 @@ def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
     else:
         try:
             result = choose_rank_for_channel(
-                channel, k, parse_int_list(str(cfg["tsfa-ranks"]), "tsfa-ranks"), bound,
+                channel, k, parse_int_list(cfg.tsfa.tsfa_ranks, "tsfa-ranks"), bound,
                 d_plus_k_total=d_plus_k_total, T_bar=t_bar, rho_min=rho_min, rho_max=rho_max,
                 nominal=nominal,  # type: ignore[arg-type]
                 payload_bits=bits if model == "wire" else None,
@@ -337,23 +344,23 @@ def _plan(cfg: Mapping[str, Any], num_clients: int, d_plus_k_total: int,
         except InfeasibleLatencyError as exc:
             raise _budget_error(cfg, exc.min_budget_s, dense_s, str(exc)) from exc
         rank = result.r_star
-    start = str(cfg["tsfa-start"])
+    start = cfg.tsfa.tsfa_start
     start_rho = (budget_rho(lambda x: bits(rank, x), t_bar, per_bit, rho_min, rho_max)
                  if start == "budget" else None)
     controller_cls = OSFAController if result is None else TSFAController
     controller = controller_cls(
         rank, bound,
-        V=float(cfg["lyapunov-v"]),
+        V=cfg.tsfa.lyapunov_v,
         T_bar=t_bar,
         d_plus_k_total=d_plus_k_total,
         channel=channel.config,
         rho_min=rho_min,
         rho_max=rho_max,
-        solver=str(cfg["p3-solver"]),  # type: ignore[arg-type]
+        solver=cfg.tsfa.p3_solver,  # type: ignore[arg-type]
         payload_bits=(lambda x: float(bits(rank, x))) if model == "wire" else None,
         empty_queue_rho=start_rho,
-        deadline_factor=(float(cfg["tsfa-deadline-factor"])
-                         if cfg["tsfa-deadline"] == "budget-multiple" else None),
+        deadline_factor=(cfg.tsfa.tsfa_deadline_factor
+                         if cfg.tsfa.tsfa_deadline == "budget-multiple" else None),
     )
     return TSFAPlan(channel, bound, rank, controller, result, t_bar, dense_s, start_rho, model)
 
