@@ -12,12 +12,25 @@ from flwr.clientapp import ClientApp
 from fedsoft.attacks import attack_class, hostile_reply
 from fedsoft.client_update import local_round
 from fedsoft.compression.client_state import load_ef, save_ef, simulated_failure
-from fedsoft.config import RunConfig, split_message_config
+from fedsoft.config import RunConfig, resolve
+from strategies.messages import ARRAYS, CONFIG, METRICS, TrainInstruction
 from strategies.records import to_numpy, to_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EF_KEY = "error-feedback"
+APP_DIR = Path(__file__).resolve().parent
+_BASE: dict[str, RunConfig] = {}  # resolved context.run_config, once per run and process
+
+
+def base_config(context: Context) -> RunConfig:
+    """This node's own resolution of ``context.run_config`` (defaults, preset, overrides),
+    computed once per run config and process; the server sends only what it changed."""
+    key = repr(sorted(context.run_config.items()))
+    if key not in _BASE:
+        _BASE.clear()
+        _BASE[key] = resolve(context.run_config, APP_DIR / "conf")
+    return _BASE[key]
 
 app = ClientApp()
 
@@ -28,9 +41,10 @@ def train(msg: Message, context: Context) -> Message:
 
     The error-feedback memory (eqs. 11-14) stays on this node in ``context.state`` across rounds.
     """
-    cfg, extras = split_message_config(dict(msg.content["config"]))
+    instruction = TrainInstruction.from_record(msg.content[CONFIG])
+    cfg, plan = instruction.config(base_config(context)), instruction.plan
     partition_id = int(context.node_config["partition-id"])
-    server_round = int(extras.get("server-round", 0))
+    server_round = plan.server_round
     if simulated_failure(cfg.run.seed, server_round, partition_id,
                          cfg.run.fail_fraction):
         if cfg.run.fail_mode == "timeout":
@@ -50,14 +64,14 @@ def train(msg: Message, context: Context) -> Message:
         ef_state = None
     arrays, metrics, ef_new = local_round(
         cfg,
-        to_numpy(msg.content["arrays"]),
+        to_numpy(msg.content[ARRAYS]),
         partition_id=partition_id,
         num_partitions=int(context.node_config["num-partitions"]),
         server_round=server_round,
-        node_id=int(extras.get("client-key", context.node_id)),  # the server's seed key
-        sparsity=float(extras["sparsity-ratio"]) if "sparsity-ratio" in extras else None,
+        node_id=plan.client_key,  # the server's seed key
+        sparsity=plan.sparsity,
         ef_state=ef_state,
-        sketch_k=int(extras["sketch-size"]) if "sketch-size" in extras else None,
+        sketch_k=plan.sketch_size,
     )
     if ef_new is not None:
         context.state[EF_KEY] = to_record(ef_new)
@@ -68,13 +82,13 @@ def train(msg: Message, context: Context) -> Message:
     record = to_record(arrays)
     if hostile:  # fault injection (attack-partition): a reply the server must drop
         bad = hostile_reply(attack_class(cfg.run.attack_mode, server_round), arrays,
-                            metrics, to_numpy(msg.content["arrays"]), seed=server_round)
+                            metrics, to_numpy(msg.content[ARRAYS]), seed=server_round)
         record = to_record(bad.arrays)
         for key, raw in bad.raw.items():
             record[key] = Array(dtype=raw.dtype, shape=raw.shape, stype="numpy.ndarray",
                                 data=raw.data)
         metrics = bad.metrics
-    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
+    content = RecordDict({ARRAYS: record, METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

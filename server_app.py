@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedsoft import checkpoint, lora
@@ -21,7 +21,7 @@ from fedsoft.task.train import evaluate
 from fedsoft.wireless import plan as tsfa_plan
 from fedsoft.wireless.calibration import append_scores, keep_scores_through, layer_scores
 from fedsoft.wireless.channel import snr_line
-from strategies import pilot
+from strategies import messages, pilot
 from strategies.discovery import discover, wait_for_nodes
 from strategies.factory import make_strategy
 from strategies.records import to_numpy, to_record
@@ -52,7 +52,7 @@ def sketch_system(cfg, work, num_clients: int, known: dict[int, int] | None = No
 
 
 def sketch_pilot(cfg, grid: Grid, work, test, device, system, sizes, node_to_client,
-                 data_sizes) -> sketch_calibration.SketchCalibration:
+                 data_sizes, base=None) -> sketch_calibration.SketchCalibration:
     """``sketch-calibration = "auto"``: ``sketch-pilot-rounds`` rounds of the sketch strategy
     at each (q, k) of :func:`fedsoft.sketching.calibration.pilot_settings` (uniform q, common k),
     each from the initial adapter on this federation, the server-side test loss after every
@@ -79,7 +79,7 @@ def sketch_pilot(cfg, grid: Grid, work, test, device, system, sizes, node_to_cli
 
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
                        timeout=cfg.run.round_timeout,
-                       train_config=ConfigRecord(dict(pcfg)), evaluate_fn=pilot_eval)
+                       train_config=messages.train_config(pcfg, base), evaluate_fn=pilot_eval)
         curve = np.array([losses.get(t, np.nan) for t in range(rounds + 1)])
         print(f"[fedsoft] sketch pilot {name}: q {q:g}, k {k}/{rank}, loss "
               f"{[round(float(x), 4) for x in curve]}", flush=True)
@@ -124,7 +124,8 @@ def main(grid: Grid, context: Context) -> None:
 
     Nothing in the run directory is written or replaced until the config is resolved, the
     strategy is built and a resume is known to be compatible with its checkpoint."""
-    cfg = resolve(context.run_config, APP_DIR / "conf")
+    base = resolve(context.run_config, APP_DIR / "conf")  # what every node resolves too
+    cfg = base
     resume = checkpoint.load(cfg.run.resume_from) if cfg.run.resume_from else None
     if resume is not None and not cfg.run.run_dir:  # continue in the checkpoint's run directory
         cfg = cfg.with_values({"run-dir": str(resume[2]["config"]["run-dir"])})
@@ -142,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         heads = [v.numel() for v in lora.get_head(work.model).values()]
         payload = tsfa_plan.payload_bits_fn(cfg, [(s.name, s.d, s.k) for s in shapes], heads)
         pilot.ensure_calibration(  # bound-calibration = "auto": pilot run -> calibration.json
-            grid, cfg, node_ids, d_plus_k_total=sum(s.d + s.k for s in shapes),
+            grid, cfg, node_ids, base=base, d_plus_k_total=sum(s.d + s.k for s in shapes),
             payload_bits=payload, resume_config=resume[2]["config"] if resume else None)
         tsfa = tsfa_plan.plan(cfg, num_clients=len(node_ids),
                               d_plus_k_total=sum(s.d + s.k for s in shapes), payload_bits=payload)
@@ -175,7 +176,7 @@ def main(grid: Grid, context: Context) -> None:
                 sketch_cal = sketch_calibration.load_sketch_calibration(src)
             else:
                 sketch_cal = sketch_pilot(cfg, grid, work, test, device, system, psizes,
-                                          found.node_to_partition, sizes)
+                                          found.node_to_partition, sizes, base)
         sampling, sketch_summary = sketch_setup(cfg, work, len(node_ids), system, psizes,
                                                 sketch_cal)
     channel_summary = None
@@ -255,7 +256,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=num_rounds,
         first_round=first_round,
         timeout=cfg.run.round_timeout,
-        train_config=ConfigRecord(dict(cfg)),
+        train_config=messages.train_config(cfg, base),
         evaluate_fn=evaluate_fn,
     )
     # no aggregated round at all (every reply failed): the adapter is the initial one

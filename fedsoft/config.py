@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -35,6 +36,28 @@ def opt(
 ) -> Any:  # noqa: A002 - the field's help text, as in peft's configs
     """A section field for the run-config key named like the field (``_`` -> ``-``)."""
     return field(default=default, metadata={"key": Key(default, check, allowed, help)})
+
+
+def check_sparsity(value: object, name: str = "sparsity") -> float:
+    """The one check of a sparsification ratio rho (eqs. 6, 9): a finite real in [0, 1).
+
+    Used by the run config (``sparsity``), the round plan (``sparsity-ratio``), the client's
+    settings and :func:`keep_count`; TypeError for a non-number, ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if not math.isfinite(out) or not 0.0 <= out < 1.0:
+        raise ValueError(f"{name} = {value!r}: must be in [0, 1)")
+    return out
+
+
+
+def _sparsity_ok(v: Any) -> bool:
+    try:
+        check_sparsity(v)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _choice(*names: str) -> tuple[Callable[[Any], bool], str]:
@@ -231,7 +254,7 @@ class CompressionSection:
     )
     sparsity: float = opt(
         0.0,
-        lambda v: 0 <= v < 1,
+        _sparsity_ok,
         "0 <= sparsity < 1",
         help="fraction of LoRA entries zeroed (rho); 0 with dense",
     )
@@ -854,13 +877,3 @@ def _check_across_keys(out: dict[str, Scalar]) -> None:
             "'bisection'"
         )
 
-
-def split_message_config(values: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
-    """Split a train ConfigRecord into the validated run config and per-round extras
-    (``server-round``, per-node ratio, bandwidth share, ...)."""
-    run = {k: v for k, v in values.items() if k in _SCHEMA}
-    extras = {k: v for k, v in values.items() if k not in _SCHEMA}
-    missing = sorted(set(_SCHEMA) - set(run))
-    if missing:
-        raise ConfigError(f"train config from the server lacks run-config keys {missing}")
-    return RunConfig.from_flat(run), extras

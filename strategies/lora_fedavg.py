@@ -19,11 +19,10 @@ from fedsoft.aggregate import (
     ReplyError,
     check_like,
     check_weight,
-    metric_float,
-    metric_int,
     weighted_average,
 )
 
+from .messages import ReplyMetrics, RoundPlan
 from .records import ReplyLayout, checked_numpy, to_numpy, to_record
 
 NORM_ROUNDS = 3  # rounds of accepted update norms pooled into the norm bound's reference
@@ -205,12 +204,15 @@ class LoRAFedAvg(FedAvg):
         e.g. TSFA's outage rule leaves out clients in a deep fade), or None for all of them."""
         return None
 
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        """What this node is told this round (:class:`strategies.messages.RoundPlan`);
+        subclasses add their per-node values (ratio, bandwidth share, sketch size)."""
+        return RoundPlan(server_round=server_round, client_key=self.client_key(node_id))
+
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        """Per-node ConfigRecord; subclasses add their per-node values (ratio, bandwidth)."""
-        cfg = ConfigRecord(dict(config))
-        cfg["server-round"] = server_round
-        cfg["client-key"] = self.client_key(node_id)
-        return cfg
+        """The TRAIN message's ConfigRecord: ``config`` (the ``train_config`` of :meth:`start`,
+        see :func:`strategies.messages.train_config`) plus the node's round plan."""
+        return ConfigRecord({**dict(config), **self.round_plan(server_round, node_id).to_values()})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -299,25 +301,19 @@ class LoRAFedAvg(FedAvg):
         record = next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()))
         nbytes = int(record.count_bytes())
-        answered = metric_int(metrics, "server-round")
-        if answered != server_round:
-            raise ReplyError(f"reply answers round {answered}, this is round {server_round}")
-        reported = metric_int(metrics, self.weighted_by_key)
-        if reported < 1:
-            raise ReplyError(f"{self.weighted_by_key} = {reported}: must be >= 1")
-        weight = check_weight(self.reply_weight(nid, reported), self.weighted_by_key)
-        loss = metric_float(metrics, "train-loss", required=False)
-        train_s = metric_float(metrics, "train-s", required=False, minimum=0.0)
+        reply = ReplyMetrics.from_record(metrics, self.weighted_by_key)
+        if reply.server_round != server_round:
+            raise ReplyError(f"reply answers round {reply.server_round}, this is round "
+                             f"{server_round}")
+        weight = check_weight(self.reply_weight(nid, reply.num_examples), self.weighted_by_key)
         arrays = checked_numpy(record, self.reply_layout(server_round, nid),
                                what=f"reply of node {nid}")
         decoded = self.decode_reply(server_round, nid, arrays, metrics)
         norm = self.update_norm(decoded)
         if not np.isfinite(norm):
             raise ReplyError(f"update norm {norm} is not finite")
-        extra = {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)
-                 and np.isfinite(float(v))}
-        return AcceptedReply(nid, decoded, weight, norm, nbytes, loss, train_s or 0.0, extra)
+        return AcceptedReply(nid, decoded, weight, norm, nbytes, reply.train_loss, reply.train_s,
+                             reply.extra)
 
     def _bound_norms(self, server_round: int, accepted: list[AcceptedReply],
                      dropped: list[str]) -> list[AcceptedReply]:

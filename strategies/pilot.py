@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedsoft import lora
@@ -42,12 +42,14 @@ from fedsoft.wireless.pilot import AUTO, calibration_file, identity, pilot_confi
 
 from .discovery import discover
 from .lora_fedavg import LoRAFedAvg
+from .messages import train_config
 from .records import to_numpy, to_record
 
 __all__ = ["ensure_calibration", "run_pilot"]
 
 
-def run_pilot(grid: Grid, cfg: ConfigLike, node_ids: Sequence[int]) -> Calibration:
+def run_pilot(grid: Grid, cfg: ConfigLike, node_ids: Sequence[int],
+              base: RunConfig | None = None) -> Calibration:
     """Dense federated LoRA for ``bound-pilot-rounds`` rounds at max(``tsfa-ranks``) on
     ``grid`` (config :func:`fedsoft.wireless.pilot.pilot_config`), the SOFT scores (eq. 8) of the
     global adapter logged after every applied round to ``<run-dir>/pilot/rank_scores.jsonl``,
@@ -93,7 +95,7 @@ def run_pilot(grid: Grid, cfg: ConfigLike, node_ids: Sequence[int]) -> Calibrati
     try:
         strategy.start(grid=grid, initial_arrays=to_record(lora.to_arrays(work.model)),
                        num_rounds=rounds, timeout=pcfg.run.round_timeout,
-                       train_config=ConfigRecord(dict(pcfg)), evaluate_fn=log_scores)
+                       train_config=train_config(pcfg, base), evaluate_fn=log_scores)
     finally:
         workload.clear_cache()  # the real run builds a fresh model from its seed
     try:
@@ -106,7 +108,7 @@ def run_pilot(grid: Grid, cfg: ConfigLike, node_ids: Sequence[int]) -> Calibrati
 def ensure_calibration(
     grid: Grid, cfg: ConfigLike, node_ids: Sequence[int], *, d_plus_k_total: int,
     payload_bits: Callable[[int, float], float] | None = None,
-    resume_config: Mapping[str, Any] | None = None,
+    resume_config: Mapping[str, Any] | None = None, base: RunConfig | None = None,
 ) -> Path | None:
     """Make ``<run-dir>/calibration.json`` exist for ``bound-calibration = "auto"`` (TSFA);
     returns its path, or None when there is nothing to calibrate (another value, or a strategy
@@ -147,7 +149,7 @@ def ensure_calibration(
         _report(cfg, path, n, d_plus_k_total, payload_bits, "reused (same pilot identity)")
         return path
     tsfa_plan.plan(cfg.with_values({"bound-calibration": ""}), n, d_plus_k_total, payload_bits)
-    cal = run_pilot(grid, cfg, node_ids)
+    cal = run_pilot(grid, cfg, node_ids, base)
     write_calibration(path, cal, source=str(path.parent / "pilot"), pilot=ident)
     _report(cfg, path, n, d_plus_k_total, payload_bits,
             f"measured by the pilot ({cal.num_rounds} rounds)")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -18,6 +19,7 @@ from fedsoft.sketching.sketch import expand_reply, layer_indices
 from fedsoft.sketching.wallclock import SystemModel
 
 from .lora_fedavg import LoRAFedAvg
+from .messages import RoundPlan
 from .records import ReplyLayout
 
 
@@ -87,10 +89,9 @@ class SketchFedAvg(LoRAFedAvg):
         log(INFO, "round %d: %d participants, simulated round %.2f s (total %.1f s)",
             server_round, len(node_ids), sim_s, self.wallclock_s)
 
-    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        cfg = super().node_config(server_round, node_id, config)
-        cfg["sketch-size"] = int(self.plan.k[self._clients[node_id]])
-        return cfg
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        return replace(super().round_plan(server_round, node_id),
+                       sketch_size=int(self.plan.k[self._clients[node_id]]))
 
     def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
         """Exactly the sketched rows of A, columns of B and the head, in float32."""

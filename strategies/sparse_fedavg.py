@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import MetricRecord
 from flwr.common import log
 
 from fedsoft.compression import codec
@@ -18,6 +19,7 @@ from fedsoft.compression.update import SparseSettings, decode_update
 from fedsoft.layout import head_arrays, layer_specs
 
 from .lora_fedavg import LoRAFedAvg
+from .messages import RoundPlan
 from .records import ReplyLayout
 
 
@@ -51,10 +53,9 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         """Settings a node uses this round (fixed here; TSFA varies the ratio per round)."""
         return self.settings
 
-    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        cfg = super().node_config(server_round, node_id, config)
-        cfg["sparsity-ratio"] = float(self.round_settings(server_round, node_id).sparsity)
-        return cfg
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        return replace(super().round_plan(server_round, node_id),
+                       sparsity=float(self.round_settings(server_round, node_id).sparsity))
 
     def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
         """The codec's keys and dtypes (:mod:`fedsoft.compression.codec`), the head in the wire

@@ -8,7 +8,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
 
 from fedsoft.compression.update import (
@@ -20,6 +20,7 @@ from fedsoft.compression.update import (
 from fedsoft.wireless.channel import Channel
 from fedsoft.wireless.controller import Decision, TSFAController, deadline_latency
 
+from .messages import RoundPlan
 from .sparse_fedavg import SparseLoRAFedAvg
 
 
@@ -105,13 +106,13 @@ class TSFA(SparseLoRAFedAvg):
             return self.settings
         return dataclasses.replace(self.settings, sparsity=float(self._decision.rho))
 
-    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        cfg = super().node_config(server_round, node_id, config)
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        plan = super().round_plan(server_round, node_id)
         if self._decision is not None and node_id in self._round_nodes:
             i = self._round_nodes.index(node_id)
-            cfg["bandwidth-share"] = float(self._decision.shares[i])
-            cfg["channel-gain"] = float(self._est[i])
-        return cfg
+            plan = dataclasses.replace(plan, bandwidth_share=float(self._decision.shares[i]),
+                                       channel_gain=float(self._est[i]))
+        return plan
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -103,7 +103,7 @@ def test_ensure_calibration_runs_the_pilot_once_reuses_it_and_never_on_resume(
         tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_pilot(grid, cfg, node_ids):  # what run_pilot returns, from a log it would write
+    def fake_pilot(grid, cfg, node_ids, base=None):  # what run_pilot returns, from its log
         calls.append(dict(cfg))
         return calibrate_run(write_pilot_log(cfg["run-dir"], seed=len(calls)))
 

@@ -26,6 +26,7 @@ from fedsoft.compression import codec
 from fedsoft.compression.error_feedback import ErrorFeedback
 from fedsoft.compression.sparsifiers import from_rows, get_sparsifier, keep_count, to_rows
 from fedsoft.compression.spectrum import kept_energy_ratio
+from fedsoft.config import check_sparsity
 from fedsoft.layout import A_SUFFIX, B_SUFFIX, HEAD_PREFIX, head_arrays, layer_seed, layer_specs
 
 TARGETS = ("update", "factors")
@@ -45,8 +46,7 @@ class SparseSettings:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"sparsify-target = {self.target!r}: must be one of {TARGETS}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity = {self.sparsity!r}: must be in [0, 1)")
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
 
     def make(self):
         """The configured sparsifier instance."""

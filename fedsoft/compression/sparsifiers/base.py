@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from fedsoft.config import check_sparsity
 
 __all__ = [
     "MAX_SEED",
@@ -97,11 +98,7 @@ def keep_count(r: int, d: int, k: int, sparsity: float) -> int:
     r = check_int("r", r, minimum=1)
     d = check_int("d", d, minimum=1)
     k = check_int("k", k, minimum=1)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__} {sparsity!r}")
-    sparsity = float(sparsity)
-    if not math.isfinite(sparsity) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    sparsity = check_sparsity(sparsity)
     return int(round((1.0 - sparsity) * r * (d + k)))
 
 
