@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsoft import checkpoint, lora
@@ -225,20 +225,19 @@ def main(grid: Grid, context: Context) -> None:
     every = cfg.run.checkpoint_every
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Server-side evaluation of the global adapter (and its SOFT scores, for calibration)."""
         lora.from_arrays(work.model, to_numpy(arrays))
-        append_scores(run.dir, server_round, layer_scores(work.model))  # for calibration
+        append_scores(run.dir, server_round, layer_scores(work.model))
         loss, acc, _ = evaluate(work.model, test, device)
         work.model.cpu()
-        stats = strategy.round_stats.get(server_round, {})
-        row = run.append({
-            "round": server_round,
-            "accuracy": acc,
-            "loss": loss,
-            "num_clients": int(stats.get("num_clients", 0)),
-            "uplink_bytes": int(stats.get("uplink_bytes", 0)),
-            **{k: v for k, v in stats.items()
-               if k not in ("num_clients", "uplink_bytes", "sampled")},
-        })
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    def on_round(server_round: int, arrays: ArrayRecord, records: RecordDict) -> None:
+        """One metrics.jsonl row per round (fsynced), the progress line, checkpoints."""
+        train, notes = records["train"], records["notes"]
+        evaluation = records.get("evaluate", MetricRecord({}))
+        row = run.append({"round": server_round, **dict(evaluation), **dict(train),
+                          **dict(notes)})
         print(progress_line(row, num_rounds), flush=True)
         if every and server_round > 0 and (server_round % every == 0 or server_round == num_rounds):
             path = checkpoint.save(
@@ -247,7 +246,6 @@ def main(grid: Grid, context: Context) -> None:
                 save_adapter=lambda p: work.model.save_pretrained(str(p)),
             )
             print(f"[fedsoft] checkpoint {path}", flush=True)
-        return MetricRecord({"accuracy": acc, "loss": loss})
 
     initial = to_record(initial_arrays)
     result = strategy.start(
@@ -258,6 +256,7 @@ def main(grid: Grid, context: Context) -> None:
         timeout=cfg.run.round_timeout,
         train_config=messages.train_config(cfg, base),
         evaluate_fn=evaluate_fn,
+        on_round=on_round,
     )
     # no aggregated round at all (every reply failed): the adapter is the initial one
     lora.from_arrays(work.model, to_numpy(result.arrays if len(result.arrays) else initial))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from fedsoft.aggregate import (
     AcceptedReply,
@@ -95,31 +95,73 @@ class LoRAFedAvg(FedAvg):
         self.reply_bytes: dict[int, int] = {}  # node id -> bytes received this round (valid)
 
     def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              first_round: int = 1, evaluate_fn: Any = None, **kwargs: Any) -> Any:
-        """Flower's ``Strategy.start``; ``first_round`` > 1 resumes a run: rounds keep their
-        numbers (seeds, channel draws and logs depend on them), ``num_rounds`` stays the total,
-        and the round-0 evaluation is skipped."""
-        off = int(first_round) - 1
-        if off < 0:
+              first_round: int = 1, timeout: float = 3600.0,
+              train_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              on_round: Callable[[int, ArrayRecord, RecordDict], None] | None = None,
+              **unused: Any) -> Result:
+        """Run rounds ``first_round`` .. ``num_rounds`` (Flower's ``Strategy.start``, owned here).
+
+        Each round: :meth:`configure_train`, ``grid.send_and_receive``, :meth:`aggregate_train`,
+        then ``evaluate_fn(round, arrays)`` (server-side evaluation; no evaluate messages go
+        out) and ``on_round(round, arrays, records)`` with ``records`` a RecordDict of
+        ``"train"`` (the round's statistics, a MetricRecord), ``"notes"`` (its text, e.g.
+        ``dropped_reasons``, a ConfigRecord) and ``"evaluate"`` (what ``evaluate_fn``
+        returned). Round 0 (the initial model) is evaluated when ``first_round`` is 1; a resumed
+        run (``first_round`` > 1) keeps the round numbers its seeds and channel draws use."""
+        if int(first_round) < 1:
             raise ValueError(f"first_round = {first_round}: must be >= 1")
-        if off == 0:
-            return super().start(grid=grid, initial_arrays=initial_arrays,
-                                 num_rounds=num_rounds, evaluate_fn=evaluate_fn, **kwargs)
-        names = ("configure_train", "aggregate_train")
-        saved = {k: self.__dict__[k] for k in names if k in self.__dict__}
-        configure, aggregate = self.configure_train, self.aggregate_train
-        self.configure_train = lambda r, *a, **k: configure(r + off, *a, **k)  # type: ignore
-        self.aggregate_train = lambda r, *a, **k: aggregate(r + off, *a, **k)  # type: ignore
-        shifted = None if evaluate_fn is None else (
-            lambda r, arrays: None if r == 0 else evaluate_fn(r + off, arrays))
-        try:
-            return super().start(grid=grid, initial_arrays=initial_arrays,
-                                 num_rounds=max(num_rounds - off, 0), evaluate_fn=shifted,
-                                 **kwargs)
-        finally:
-            for k in names:
-                self.__dict__.pop(k, None)
-            self.__dict__.update(saved)
+        if unused.get("evaluate_config") is not None:
+            raise ValueError("evaluate_config: evaluation is server-side (evaluate_fn) only")
+        config = ConfigRecord() if train_config is None else train_config
+        result = Result()
+        arrays = initial_arrays
+        log(INFO, "%s: rounds %d..%d", type(self).__name__, first_round, num_rounds)
+        if first_round == 1:
+            self._finish_round(0, arrays, result, evaluate_fn, on_round)
+        for server_round in range(int(first_round), int(num_rounds) + 1):
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, config, grid),
+                timeout=timeout)
+            new, _ = self.aggregate_train(server_round, replies)
+            if new is not None:
+                result.arrays = arrays = new
+            self._finish_round(server_round, arrays, result, evaluate_fn, on_round)
+        return result
+
+    def _finish_round(self, server_round: int, arrays: ArrayRecord, result: Result,
+                      evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+                      on_round: Callable[[int, ArrayRecord, RecordDict], None] | None) -> None:
+        train, notes = self.round_records(server_round)
+        result.train_metrics_clientapp[server_round] = train
+        records = RecordDict({"train": train, "notes": notes})
+        if evaluate_fn is not None:
+            evaluation = evaluate_fn(server_round, arrays)
+            if evaluation is not None:
+                result.evaluate_metrics_serverapp[server_round] = evaluation
+                records["evaluate"] = evaluation
+        if on_round is not None:
+            on_round(server_round, arrays, records)
+
+    def round_records(self, server_round: int) -> tuple[MetricRecord, ConfigRecord]:
+        """The round's statistics, handed out once: numbers (and lists of numbers) as a
+        MetricRecord, text (e.g. ``dropped_reasons``, ``aggregate_problem``) as a
+        ConfigRecord; the sampled node ids stay inside the strategy."""
+        stats = self.round_stats.pop(server_round, {})
+        numbers: dict[str, Any] = {"num_clients": 0, "uplink_bytes": 0}
+        text: dict[str, Any] = {}
+        for key, value in stats.items():
+            if key == "sampled":
+                continue
+            if _is_number(value) or (isinstance(value, list) and value
+                                     and all(_is_number(v) for v in value)
+                                     and len({type(v) for v in value}) == 1):
+                numbers[key] = value
+            elif isinstance(value, list) and not value:
+                numbers[key] = value
+            else:
+                text[key] = value
+        return MetricRecord(numbers), ConfigRecord(text)
 
     # -- checkpoint state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -443,3 +485,7 @@ class LoRAFedAvg(FedAvg):
     def summary(self) -> None:
         log(INFO, "\t%s: K = %d clients per round, seeded sampling, server-side evaluation",
             type(self).__name__, self.clients_per_round)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedsoft import lora
@@ -76,16 +76,15 @@ def run_pilot(grid: Grid, cfg: ConfigLike, node_ids: Sequence[int],
     runlog = RunLog(pilot_dir, pcfg)
     runlog.open()
 
-    def log_scores(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        stats = strategy.round_stats.get(server_round, {})
-        if stats.get("skipped"):
-            return None
+    def log_scores(server_round: int, arrays: ArrayRecord, records: RecordDict) -> None:
+        train = records["train"]
+        if train.get("skipped"):
+            return
         lora.from_arrays(work.model, to_numpy(arrays))
         append_scores(pilot_dir, server_round, layer_scores(work.model))
-        runlog.append({"round": server_round, "num_clients": int(stats.get("num_clients", 0)),
-                       "uplink_bytes": int(stats.get("uplink_bytes", 0)),
-                       "train_loss": stats.get("train_loss")})
-        return None
+        runlog.append({"round": server_round, "num_clients": int(train["num_clients"]),
+                       "uplink_bytes": int(train["uplink_bytes"]),
+                       "train_loss": train.get("train_loss")})
 
     rounds = pcfg.run.num_server_rounds
     print(f"[fedsoft] bound-calibration = auto: pilot run, dense LoRA at rank "
@@ -95,7 +94,7 @@ def run_pilot(grid: Grid, cfg: ConfigLike, node_ids: Sequence[int],
     try:
         strategy.start(grid=grid, initial_arrays=to_record(lora.to_arrays(work.model)),
                        num_rounds=rounds, timeout=pcfg.run.round_timeout,
-                       train_config=train_config(pcfg, base), evaluate_fn=log_scores)
+                       train_config=train_config(pcfg, base), on_round=log_scores)
     finally:
         workload.clear_cache()  # the real run builds a fresh model from its seed
     try:
