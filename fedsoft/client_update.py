@@ -19,19 +19,6 @@ from fedsoft.task.models import pick_device
 from fedsoft.task.train import train_local
 
 
-def sparse_settings(cfg: ConfigLike, sparsity: float | None = None) -> SparseSettings:
-    """The compression settings of a run (``sparsity`` overrides the fixed ratio, e.g. TSFA's)."""
-    cfg = RunConfig.coerce(cfg)
-    return SparseSettings(
-        sparsifier=cfg.compression.sparsifier,
-        sparsity=float(cfg.compression.sparsity if sparsity is None else sparsity),
-        target=cfg.compression.sparsify_target,
-        dtype=cfg.compression.wire_dtype,
-        split=cfg.compression.soft_split,
-        seed=cfg.run.seed,
-    )
-
-
 def ef_signature(cfg: ConfigLike, settings: SparseSettings) -> str:
     """Error memory is reset when the model, rank or compression layout changes."""
     cfg = RunConfig.coerce(cfg)
@@ -99,7 +86,7 @@ def local_round(
         return sketch_reply(global_arrays, local_arrays, indices), metrics, None
     if cfg.compression.sparsifier == "dense":
         return local_arrays, metrics, None
-    settings = sparse_settings(cfg, sparsity)
+    settings = SparseSettings.from_config(cfg, sparsity)
     signature = ef_signature(cfg, settings)
     ef = ErrorFeedback.from_arrays(ef_state or {}, signature)
     payload, info = encode_update(global_arrays, local_arrays, settings, ef,

@@ -21,9 +21,11 @@ from fedsoft.aggregate import (
     check_weight,
     weighted_average,
 )
+from fedsoft.config import RunConfig
 
 from .messages import ReplyMetrics, RoundPlan
 from .records import ReplyLayout, checked_numpy, to_numpy, to_record
+from .setup import ServerSetup, SetupResult
 
 NORM_ROUNDS = 3  # rounds of accepted update norms pooled into the norm bound's reference
 
@@ -93,6 +95,27 @@ class LoRAFedAvg(FedAvg):
         self.global_arrays: dict[str, np.ndarray] = {}
         self._round_t0 = time.perf_counter()
         self.reply_bytes: dict[int, int] = {}  # node id -> bytes received this round (valid)
+
+    @classmethod
+    def setup(cls, cfg: RunConfig, setup: ServerSetup) -> SetupResult:
+        """What this strategy needs before round 1 (nothing here; TSFA and sketching plan)."""
+        return SetupResult(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, node_to_client: dict[int, int] | None = None,
+                    data_sizes: Mapping[int, int] | None = None, **parts: Any) -> LoRAFedAvg:
+        """Construct from the typed run config (``run`` section) and set-up ``parts``."""
+        return cls(cfg.run.clients_per_round, **cls.common_kwargs(cfg, node_to_client,
+                                                                  data_sizes), **parts)
+
+    @staticmethod
+    def common_kwargs(cfg: RunConfig, node_to_client: dict[int, int] | None,
+                      data_sizes: Mapping[int, int] | None) -> dict[str, Any]:
+        """Constructor arguments every strategy takes from the ``run`` section."""
+        return dict(min_available_nodes=cfg.run.min_available_nodes, seed=cfg.run.seed,
+                    min_replies=cfg.run.min_replies, node_to_client=node_to_client,
+                    data_sizes=data_sizes, max_num_examples=cfg.run.max_num_examples,
+                    update_norm_bound=cfg.run.update_norm_bound)
 
     def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               first_round: int = 1, timeout: float = 3600.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from logging import INFO
 from typing import Any
@@ -12,6 +13,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedsoft.aggregate import AcceptedReply
+from fedsoft.config import RunConfig
 from fedsoft.layout import HEAD_PREFIX, layer_specs
 from fedsoft.sketching.independent_sampling import unbiased_update
 from fedsoft.sketching.optimizer import SamplingPlan
@@ -21,6 +23,7 @@ from fedsoft.sketching.wallclock import SystemModel
 from .lora_fedavg import LoRAFedAvg
 from .messages import RoundPlan
 from .records import ReplyLayout
+from .setup import ServerSetup, SetupResult
 
 
 class SketchFedAvg(LoRAFedAvg):
@@ -56,6 +59,21 @@ class SketchFedAvg(LoRAFedAvg):
         self.np_rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(5,)))
         self.wallclock_s = 0.0
         self._clients: dict[int, int] = {}
+
+    @classmethod
+    def setup(cls, cfg: RunConfig, setup: ServerSetup) -> SetupResult:
+        """System model, pilot and (q, k) plan (:func:`strategies.planning.setup_sketch`)."""
+        from .planning import setup_sketch  # noqa: PLC0415 - planning imports the strategies
+
+        return setup_sketch(cfg, setup)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, node_to_client: dict[int, int] | None = None,
+                    data_sizes: Mapping[int, int] | None = None, **parts: Any) -> SketchFedAvg:
+        """``parts`` = plan, system, sizes (from :meth:`setup`); every node may take part."""
+        return cls(parts["plan"], parts["system"], parts["sizes"],
+                   server_lr=cfg.sketching.server_lr,
+                   **cls.common_kwargs(cfg, node_to_client, data_sizes))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "np_rng": self.np_rng.bit_generator.state,

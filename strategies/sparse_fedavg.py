@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from logging import WARNING
 from typing import Any
@@ -16,6 +17,7 @@ from fedsoft.compression.covariance import cov_fro
 from fedsoft.compression.orthogonality import orth_offdiag
 from fedsoft.compression.spectrum import svd_proxy_rel_err
 from fedsoft.compression.update import SparseSettings, decode_update
+from fedsoft.config import RunConfig
 from fedsoft.layout import head_arrays, layer_specs
 
 from .lora_fedavg import LoRAFedAvg
@@ -48,6 +50,14 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         super().__init__(clients_per_round, **kwargs)
         self.settings = settings
         self.probe_layers = probe_layers
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, node_to_client: dict[int, int] | None = None,
+                    data_sizes: Mapping[int, int] | None = None, **parts: Any
+                    ) -> SparseLoRAFedAvg:
+        """``compression`` section -> :class:`SparseSettings`; the rest as the base class."""
+        return cls(cfg.run.clients_per_round, SparseSettings.from_config(cfg),
+                   **cls.common_kwargs(cfg, node_to_client, data_sizes), **parts)
 
     def round_settings(self, server_round: int, node_id: int) -> SparseSettings:
         """Settings a node uses this round (fixed here; TSFA varies the ratio per round)."""

@@ -17,10 +17,12 @@ from fedsoft.compression.update import (
     head_arrays,
     layer_specs,
 )
+from fedsoft.config import RunConfig
 from fedsoft.wireless.channel import Channel
 from fedsoft.wireless.controller import Decision, TSFAController, deadline_latency
 
 from .messages import RoundPlan
+from .setup import ServerSetup, SetupResult
 from .sparse_fedavg import SparseLoRAFedAvg
 
 
@@ -61,6 +63,13 @@ class TSFA(SparseLoRAFedAvg):
         self._gains: np.ndarray = np.zeros(0)
         self._est: np.ndarray = np.zeros(0)
         self._slots: dict[int, int] = {}
+
+    @classmethod
+    def setup(cls, cfg: RunConfig, setup: ServerSetup) -> SetupResult:
+        """The offline stage before round 1 (:func:`strategies.planning.setup_tsfa`)."""
+        from .planning import setup_tsfa  # noqa: PLC0415 - planning imports the strategies
+
+        return setup_tsfa(cfg, setup)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "controller": self.controller.state_dict()}

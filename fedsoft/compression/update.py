@@ -26,7 +26,7 @@ from fedsoft.compression import codec
 from fedsoft.compression.error_feedback import ErrorFeedback
 from fedsoft.compression.sparsifiers import from_rows, get_sparsifier, keep_count, to_rows
 from fedsoft.compression.spectrum import kept_energy_ratio
-from fedsoft.config import check_sparsity
+from fedsoft.config import ConfigLike, RunConfig, check_sparsity
 from fedsoft.layout import A_SUFFIX, B_SUFFIX, HEAD_PREFIX, head_arrays, layer_seed, layer_specs
 
 TARGETS = ("update", "factors")
@@ -47,6 +47,16 @@ class SparseSettings:
         if self.target not in TARGETS:
             raise ValueError(f"sparsify-target = {self.target!r}: must be one of {TARGETS}")
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+
+    @classmethod
+    def from_config(cls, cfg: ConfigLike, sparsity: float | None = None) -> SparseSettings:
+        """The ``compression`` section (and ``seed``); ``sparsity`` overrides the fixed ratio
+        (e.g. TSFA's rho_t of the round)."""
+        cfg = RunConfig.coerce(cfg)
+        c = cfg.compression
+        return cls(sparsifier=c.sparsifier, sparsity=c.sparsity if sparsity is None else sparsity,
+                   target=c.sparsify_target, dtype=c.wire_dtype, split=c.soft_split,
+                   seed=cfg.run.seed)
 
     def make(self):
         """The configured sparsifier instance."""

@@ -305,10 +305,15 @@ def _fit(x: np.ndarray, y: np.ndarray, fb: SketchObjective, warnings: list[str]
     return ["scale"], tuple(float(v) for v in f(phi)), x @ m @ phi  # type: ignore[return-value]
 
 
+def calibration_json(cal: SketchCalibration) -> dict[str, Any]:
+    """``cal`` as the JSON object of a ``sketch_calibration.json``."""
+    return json.loads(json.dumps(asdict(cal), default=float))
+
+
 def write_sketch_calibration(path: Path | str, cal: SketchCalibration) -> Path:
     """Write ``cal`` as JSON (the file ``sketch-calibration`` reads)."""
     p = Path(path)
-    atomic_write_text(p, json.dumps(asdict(cal), indent=2, default=float) + "\n")
+    atomic_write_text(p, json.dumps(calibration_json(cal), indent=2) + "\n")
     return p
 
 

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsoft.client_update import sparse_settings
-from fedsoft.compression.update import estimate_payload_bytes
+from fedsoft.compression.update import SparseSettings, estimate_payload_bytes
 from fedsoft.config import DEFAULTS, ConfigError, ConfigLike, RunConfig, parse_int_list
 from fedsoft.layout import LayerSpec
 from fedsoft.wireless.bound import BoundConstants
@@ -236,7 +235,7 @@ def payload_bits_fn(cfg: ConfigLike, layer_dims: Sequence[tuple[str, int, int]],
     ``layer_dims`` are (name, d, k) of the adapted layers."""
     cfg = RunConfig.coerce(cfg)
     dtype = cfg.compression.wire_dtype
-    seeded = bool(sparse_settings(cfg, 0.0).make().positions_from_seed)
+    seeded = bool(SparseSettings.from_config(cfg, 0.0).make().positions_from_seed)
 
     def bits(rank: int, rho: float) -> float:
         specs = [LayerSpec(name, int(rank), d, k) for name, d, k in layer_dims]
