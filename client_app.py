@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 from flwr.app import Array, Context, Message, MetricRecord, RecordDict
@@ -17,6 +18,8 @@ from strategies.messages import ARRAYS, CONFIG, METRICS, TrainInstruction
 from strategies.records import to_numpy, to_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# dependencies' deprecation notices (transformers, peft, ray) tell a fedsoft user nothing
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\b")
 
 EF_KEY = "error-feedback"
 APP_DIR = Path(__file__).resolve().parent

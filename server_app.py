@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
@@ -23,6 +24,8 @@ from strategies.setup import ServerSetup
 
 APP_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# dependencies' deprecation notices (transformers, peft, ray) tell a fedsoft user nothing
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\b")
 
 app = ServerApp()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,17 @@ from .records import ReplyLayout, checked_numpy, to_numpy, to_record
 from .setup import ServerSetup, SetupResult
 
 NORM_ROUNDS = 3  # rounds of accepted update norms pooled into the norm bound's reference
+
+
+class _NoEvaluateNotice(logging.Filter):
+    """Drops FedAvg's "fraction_evaluate is set to 0.0" warning: fedsoft evaluates on the
+    server (``evaluate_fn``) and never sends evaluate messages, so it says nothing to a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("fraction_evaluate is set to 0.0")
+
+
+_NO_EVALUATE_NOTICE = _NoEvaluateNotice()
 
 
 class LoRAFedAvg(FedAvg):
@@ -65,14 +77,19 @@ class LoRAFedAvg(FedAvg):
     ) -> None:
         if clients_per_round < 1:
             raise ValueError(f"clients-per-round = {clients_per_round}: must be >= 1")
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=1,
-            min_evaluate_nodes=0,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-        )
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.addFilter(_NO_EVALUATE_NOTICE)  # evaluation is server-side by design
+        try:
+            super().__init__(
+                fraction_train=1.0,
+                fraction_evaluate=0.0,
+                min_train_nodes=1,
+                min_evaluate_nodes=0,
+                min_available_nodes=min_available_nodes,
+                weighted_by_key=weighted_by_key,
+            )
+        finally:
+            flwr_log.removeFilter(_NO_EVALUATE_NOTICE)
         self.clients_per_round = clients_per_round
         if min_replies < 1:
             raise ValueError(f"min-replies = {min_replies}: must be >= 1")

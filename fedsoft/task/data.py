@@ -7,6 +7,7 @@ import functools
 import importlib.resources
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,6 +368,8 @@ def num_classes_of(ds: Dataset) -> int:
 # ----------------------------------------------------------------------------- partitioning
 
 _PARTITIONER_CACHE: dict[tuple[Any, ...], Partitioner] = {}
+# (partitioner key, partition id) -> that partition: a node reuses it every round
+_PARTITION_CACHE: dict[tuple[Any, ...], Dataset] = {}
 
 
 def clear_caches() -> None:
@@ -374,6 +377,7 @@ def clear_caches() -> None:
     _FULL_CACHE.clear()
     _SPLIT_CACHE.clear()
     _PARTITIONER_CACHE.clear()
+    _PARTITION_CACHE.clear()
 
 
 def _check_partition_args(
@@ -529,8 +533,12 @@ def partition(
     p, key = _get_partitioner(
         train, kind, num_partitions, seed, dirichlet_alpha, shards_per_client, min_partition_size
     )
+    if (key, partition_id) in _PARTITION_CACHE:
+        return _PARTITION_CACHE[key, partition_id]
     try:
-        return p.load_partition(partition_id)
+        with warnings.catch_warnings():  # Dirichlet re-draws below min size: an error if it fails
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            part = p.load_partition(partition_id)
     except ValueError as exc:
         _PARTITIONER_CACHE.pop(key, None)
         raise ValueError(
@@ -538,6 +546,8 @@ def partition(
             f"dirichlet_alpha={dirichlet_alpha}, shards_per_client={shards_per_client}, "
             f"min_partition_size={min_partition_size}, len(train)={len(train)}: {exc}"
         ) from exc
+    _PARTITION_CACHE[key, partition_id] = part
+    return part
 
 
 def partition_sizes(

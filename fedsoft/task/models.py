@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,32 @@ def resolve_source(spec: ModelSpec, source: str | os.PathLike | None = None) -> 
     return spec.source
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No transformers load report, progress bar or deprecation notice while a model loads:
+    every client loads the same model and the freshly initialised head is expected (it is
+    trained and federated densely); errors still raise."""
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _load_backbone(spec: ModelSpec, src: str, num_labels: int) -> PreTrainedModel:
     auto = AutoModelForImageClassification if spec.modality == "image" else (
         AutoModelForSequenceClassification
     )
     try:
-        return auto.from_pretrained(src, num_labels=num_labels, ignore_mismatched_sizes=True)
+        with quiet_loading():
+            return auto.from_pretrained(src, num_labels=num_labels, ignore_mismatched_sizes=True)
     except OSError as err:
         if spec.offline or Path(src).exists():
             raise
