@@ -60,6 +60,11 @@ def test_installed_strategies_import_from_under_fedsoft(wheel_install, tmp_path)
             "from fedsoft.strategies.records import to_record; "
             "assert 'strategies' not in sys.modules, 'top-level strategies imported'; "
             "assert s.__file__.startswith(sys.argv[1]), s.__file__; "
+            "from fedsoft.strategies import SparseLoRAFedAvg, messages; "
+            "from fedsoft.config import resolve; "
+            "cfg = resolve({'sparsifier': 'soft', 'sparsity': 0.5}); "
+            "sp = SparseLoRAFedAvg.from_config(cfg); rec = messages.train_config(cfg); "
+            "assert sp.settings.sparsity == 0.5 and rec['sparsity'] == 0.5; "
             "st = LoRAFedAvg(2, seed=0); print(type(st).__mro__[1].__name__, TSFA.__name__)")
     proc = _run_installed(target, tmp_path, "-c", code, str(target))
     assert proc.returncode == 0, proc.stderr
