@@ -15,7 +15,8 @@ from fedsoft.config import RunConfig
 from fedsoft.sketching import calibration as sketch_calibration
 from fedsoft.sketching import plan as sketch_plan
 from fedsoft.sketching.optimizer import uniform_plan
-from fedsoft.task import data, workload
+from fedsoft.task import partition as partitioning
+from fedsoft.task import workload
 from fedsoft.task.models import pick_device
 from fedsoft.task.train import evaluate
 from fedsoft.wireless import plan as tsfa_plan
@@ -109,7 +110,7 @@ def sketch_system(cfg, work, num_clients: int, known: dict[int, int] | None = No
     if known and sorted(known) == list(range(num_clients)):
         return system, [known[i] for i in range(num_clients)]
     train, _ = workload.splits(cfg)
-    sizes = data.partition_sizes(
+    sizes = partitioning.partition_sizes(
         train, cfg.partitioning.partitioner, num_clients, seed=cfg.run.seed,
         dirichlet_alpha=cfg.partitioning.dirichlet_alpha,
         shards_per_client=cfg.partitioning.shards_per_client,

@@ -11,6 +11,7 @@ from flwr.common import log
 
 from fedsoft.config import ConfigLike, RunConfig, parse_int_list, parse_list
 from fedsoft.task import data
+from fedsoft.task import partition as partitioning
 from fedsoft.task.collate import make_collate, make_loader
 from fedsoft.task.models import ModelSpec, build_model, get_spec, load_preprocessor
 
@@ -92,7 +93,7 @@ def train_loader(cfg: ConfigLike, work: Workload, partition_id: int, num_partiti
     """Loader over this node's partition (flwr-datasets partitioner), shuffled per round."""
     cfg = RunConfig.coerce(cfg)
     train, _ = splits(cfg)
-    part = data.partition(
+    part = partitioning.partition(
         train,
         cfg.partitioning.partitioner,
         num_partitions,
@@ -124,7 +125,7 @@ def server_partition_sizes(cfg: ConfigLike, num_partitions: int | None) -> dict[
         train, _ = splits(cfg)
         if not 1 <= int(num_partitions) <= len(train):
             raise ValueError(f"{num_partitions} partitions of {len(train)} examples")
-        sizes = data.partition_sizes(
+        sizes = partitioning.partition_sizes(
             train, cfg.partitioning.partitioner, int(num_partitions), seed=cfg.run.seed,
             dirichlet_alpha=cfg.partitioning.dirichlet_alpha,
             shards_per_client=cfg.partitioning.shards_per_client,
