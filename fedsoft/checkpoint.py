@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.common import log
 
 from fedsoft.config import RunConfig
 from fedsoft.durable import fsync_dir, fsync_file, fsync_tree
+from fedsoft.logs import log
 
 __all__ = ["CheckpointError", "RESUME_IGNORED", "check_compatible", "load", "save"]
 

@@ -77,3 +77,18 @@ def test_installed_experiment_runner_says_it_needs_a_checkout(wheel_install, tmp
     assert proc.returncode == 2
     assert "source checkout" in proc.stderr and "lacks" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_library_never_imports_flower_only_its_datasets_package():
+    """``fedsoft/`` is the maths and the task; Flower's app API stays in strategies/ and the two
+    entry points (flwr-datasets partitioners are a data dependency, not the Flower runtime)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "fedsoft").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                          if n == "flwr" or n.startswith("flwr.")]
+    assert not offenders, offenders

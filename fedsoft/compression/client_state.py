@@ -11,10 +11,10 @@ from logging import WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.common import log
 
 from fedsoft.compression.error_feedback import SIGNATURE_KEY
 from fedsoft.durable import fsync_dir, fsync_file
+from fedsoft.logs import log
 
 __all__ = ["load_ef", "save_ef", "simulated_failure"]
 

@@ -7,9 +7,9 @@ from logging import WARNING
 from typing import Any
 
 import torch
-from flwr.common import log
 
 from fedsoft.config import ConfigLike, RunConfig, parse_int_list, parse_list
+from fedsoft.logs import log
 from fedsoft.task import data
 from fedsoft.task import partition as partitioning
 from fedsoft.task.collate import make_collate, make_loader
