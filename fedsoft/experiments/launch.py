@@ -72,19 +72,20 @@ def stop_superlink(home: Path) -> None:
 
 def flwr_run(home: Path, run_config: str, num_supernodes: int = 2, *, cpus_per_client: int = 1,
              gpus_per_client: float = 0.0, timeout: float = 900.0,
-             capture: bool = True) -> subprocess.CompletedProcess:
+             capture: bool = True, app_dir: Path | None = None) -> subprocess.CompletedProcess:
     """``flwr run <root> --run-config ... --stream`` with ``num_supernodes`` simulated nodes.
 
     ``gpus_per_client`` > 0 reserves that GPU fraction per simulated client (Ray).
     ``home`` becomes FLWR_HOME (config, local SuperLink state); the SuperLink that ``flwr run``
-    starts detached is killed by PID afterwards, whatever happens.
+    starts detached is killed by PID afterwards, whatever happens. ``app_dir``: another
+    checkout's Flower app to run (e.g. an older version, for before/after measurements).
     """
     flwr_bin = bin_dir() / "flwr"
     if not flwr_bin.is_file():
         raise FileNotFoundError(
             f"flwr CLI not found at {flwr_bin}: run this with the Python of the environment "
             "fedsoft is installed in (e.g. .venv/bin/python, or activate that venv)")
-    root = checkout_root()
+    root = checkout_root() if app_dir is None else Path(app_dir).resolve()
     cmd = [str(flwr_bin), "run", str(root),
            "--run-config", run_config,
            "--federation-config",
