@@ -236,3 +236,15 @@ def test_start_resumes_with_the_original_round_numbers():
             first_round=4, evaluate_fn=lambda r, a: seen.append(("eval", r)))
     assert seen == [4, ("eval", 4), 5, ("eval", 5)]
     assert "configure_train" in s.__dict__  # the instance override set by this test survives
+
+
+def test_every_strategy_name_of_the_config_has_a_class_in_the_registry():
+    from fedsoft.config import STRATEGIES as NAMES
+    from strategies.factory import STRATEGIES, strategy_class
+
+    assert set(NAMES) == set(STRATEGIES)
+    from fedsoft.config import resolve
+
+    assert strategy_class(resolve({"sparsifier": "soft", "sparsity": 0.5})).__name__ == \
+        "SparseLoRAFedAvg"
+    assert strategy_class(resolve({"strategy": "osfa"})).__name__ == "TSFA"
