@@ -73,7 +73,10 @@ def main(grid: Grid, context: Context) -> None:
     run.config = cfg.flat()
     run.open(resume[2]["metrics"] if resume is not None else None)
     for name, content in planned.artifacts.items():  # offline.json, channel.json, ...
-        run.write_json(name, content)
+        if callable(content):
+            content(run.dir / name)
+        else:
+            run.write_json(name, content)
     if resume is not None:
         done, saved_arrays, state = resume
         initial_arrays = saved_arrays

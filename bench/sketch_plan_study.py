@@ -105,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     from fedsoft.task import workload  # noqa: PLC0415
-    from server_app import sketch_system  # noqa: PLC0415 (loads torch / the model)
+    from strategies.planning import sketch_system  # noqa: PLC0415 (loads torch / the model)
 
     cfg = resolve({"preset": "quickstart", "dataset": "20ng", "strategy": "sketch",
                    "local-steps": 8, "max-train-examples": 3000, "max-test-examples": 400,
@@ -125,7 +125,7 @@ def main() -> None:
     for spread in (1, 10):
         sig = spread_sigma(n, args.seed, spread)
         for overhead in (0.0, 1.0):
-            c = {**cfg, "compute-heterogeneity": sig, "round-overhead-s": overhead}
+            c = cfg.with_values({"compute-heterogeneity": sig, "round-overhead-s": overhead})
             base, sizes = sketch_system(c, work, n)
             shadow_cc = dataclasses.replace(base.channel.config, min_distance_m=100.0,
                                             max_distance_m=1000.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -185,25 +186,29 @@ class LoRAFedAvg(FedAvg):
 
     def round_records(self, server_round: int) -> tuple[MetricRecord, ConfigRecord]:
         """The round's statistics, handed out once: numbers (and lists of numbers) as a
-        MetricRecord, text (e.g. ``dropped_reasons``, ``aggregate_problem``) as a
-        ConfigRecord; the sampled node ids stay inside the strategy."""
+        MetricRecord, everything else (e.g. ``dropped_reasons``, ``aggregate_problem``) as a
+        ConfigRecord; the sampled node ids stay inside the strategy. Never raises: numpy
+        scalars become Python numbers, a mixed int/float list becomes floats, and a value
+        neither record can hold is kept as its JSON text."""
         stats = self.round_stats.pop(server_round, {})
         numbers: dict[str, Any] = {"num_clients": 0, "uplink_bytes": 0}
         text: dict[str, Any] = {}
         for key, value in stats.items():
             if key == "sampled":
                 continue
-            if _is_number(value) or (isinstance(value, list) and value
-                                     and all(_is_number(v) for v in value)
-                                     and len({type(v) for v in value}) == 1):
+            value = _plain(value)
+            if _is_number(value):
                 numbers[key] = value
-            elif isinstance(value, list) and not value:
-                numbers[key] = value
-            else:
+            elif isinstance(value, list) and all(_is_number(v) for v in value):
+                numbers[key] = ([float(v) for v in value]
+                                if len({type(v) for v in value}) > 1 else value)
+            elif isinstance(value, str) or (isinstance(value, list)
+                                             and all(isinstance(v, str) for v in value)):
                 text[key] = value
+            else:
+                text[key] = json.dumps(value, default=str)
         return MetricRecord(numbers), ConfigRecord(text)
 
-    # -- checkpoint state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """JSON-able strategy state between rounds (sampling RNG); subclasses extend it."""
         version, internal, gauss = self.rng.getstate()
@@ -529,3 +534,12 @@ class LoRAFedAvg(FedAvg):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (and lists of them) as Python values, for Flower's records."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [v.item() if isinstance(v, np.generic) else v for v in value]
+    return value

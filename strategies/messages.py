@@ -147,7 +147,8 @@ def train_config(cfg: RunConfig, base: RunConfig | None = None) -> ConfigRecord:
     the digest of ``cfg``; the strategies add each node's :class:`RoundPlan`."""
     flat = cfg.flat()
     ref = base.flat() if base is not None else {}
-    changed = {k: v for k, v in flat.items() if k not in ref or ref[k] != v}
+    changed = {k: v for k, v in flat.items()  # as the digest sees them: -0.0 differs from 0.0
+               if k not in ref or json.dumps(ref[k]) != json.dumps(v)}
     return ConfigRecord({**changed, DIGEST: config_digest(cfg)})
 
 

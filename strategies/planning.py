@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedsoft import checkpoint, lora
-from fedsoft.config import RunConfig
+from fedsoft.config import ConfigLike, RunConfig
 from fedsoft.sketching import calibration as sketch_calibration
 from fedsoft.sketching import plan as sketch_plan
 from fedsoft.sketching.optimizer import uniform_plan
@@ -92,17 +92,19 @@ def setup_sketch(cfg: RunConfig, setup: ServerSetup) -> SetupResult:
     sampling, summary = sketch_setup(cfg, work, n, system, psizes, cal)
     artifacts: dict[str, Any] = {"sampling_plan.json": summary}
     if cal is not None:
-        artifacts[sketch_calibration.CALIBRATION_FILE] = sketch_calibration.calibration_json(cal)
+        artifacts[sketch_calibration.CALIBRATION_FILE] = (  # keeps NaN, as its reader expects
+            lambda path, cal=cal: sketch_calibration.write_sketch_calibration(path, cal))
     k = max(1, round(float(sampling[0].q.sum())))
     artifacts["channel.json"] = _channel_summary(system.channel, k, cfg)
     plan, system, sizes = sampling
     return SetupResult(cfg, {"plan": plan, "system": system, "sizes": sizes}, artifacts)
 
 
-def sketch_system(cfg, work, num_clients: int, known: dict[int, int] | None = None):
+def sketch_system(cfg: ConfigLike, work, num_clients: int, known: dict[int, int] | None = None):
     """Paper B's system model (B.3) and the clients' data sizes a_n; ``known`` (the
     server-known partition sizes) is reused when it covers exactly the ``num_clients``
     partitions, so the training set is partitioned once."""
+    cfg = RunConfig.coerce(cfg)
     shapes = lora.factor_shapes(work.model)
     head = sum(v.numel() for v in lora.get_head(work.model).values())
     system = sketch_plan.system_model(cfg, num_clients, cfg.training.lora_rank,
@@ -118,12 +120,13 @@ def sketch_system(cfg, work, num_clients: int, known: dict[int, int] | None = No
     return system, sizes
 
 
-def sketch_pilot(cfg, grid: Grid, work, test, device, system, sizes, node_to_client,
+def sketch_pilot(cfg: ConfigLike, grid: Grid, work, test, device, system, sizes, node_to_client,
                  data_sizes, base=None) -> sketch_calibration.SketchCalibration:
     """``sketch-calibration = "auto"``: ``sketch-pilot-rounds`` rounds of the sketch strategy
     at each (q, k) of :func:`fedsoft.sketching.calibration.pilot_settings` (uniform q, common k),
     each from the initial adapter on this federation, the server-side test loss after every
     round; then alpha0, alpha1, xi fitted to the loss curves (B.4)."""
+    cfg = RunConfig.coerce(cfg)
     rank, rounds = cfg.training.lora_rank, cfg.sketching.sketch_pilot_rounds
     fallback = sketch_plan.objective(cfg.with_values({"sketch-calibration": ""}))
     initial = to_record(lora.to_arrays(work.model))
@@ -163,11 +166,12 @@ def sketch_pilot(cfg, grid: Grid, work, test, device, system, sizes, node_to_cli
     return cal
 
 
-def sketch_setup(cfg, work, num_clients: int, system=None, sizes=None,
+def sketch_setup(cfg: ConfigLike, work, num_clients: int, system=None, sizes=None,
                  calibration: sketch_calibration.SketchCalibration | None = None):
     """Paper B before round 1: system model, data shares a_n, the (q, k) plan (printed; its
     table goes to sampling_plan.json once the run directory is opened). The constants of J come
     from ``calibration`` when given (the auto pilot), else from the run config."""
+    cfg = RunConfig.coerce(cfg)
     if system is None or sizes is None:
         system, sizes = sketch_system(cfg, work, num_clients)
     plan = sketch_plan.plan(cfg, system, sizes, calibration)

@@ -34,7 +34,8 @@ class ServerSetup:
 @dataclass
 class SetupResult:
     """The run config the strategy runs with (e.g. TSFA's r* as ``lora-rank``), the strategy's
-    constructor arguments and the JSON files it wants in the run directory."""
+    constructor arguments and the files it wants in the run directory: name -> a JSON value,
+    or a writer ``f(path)`` for a file with its own format (``sketch_calibration.json``)."""
 
     run_config: RunConfig
     kwargs: dict[str, Any] = field(default_factory=dict)

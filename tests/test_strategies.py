@@ -248,3 +248,26 @@ def test_every_strategy_name_of_the_config_has_a_class_in_the_registry():
     assert strategy_class(resolve({"sparsifier": "soft", "sparsity": 0.5})).__name__ == \
         "SparseLoRAFedAvg"
     assert strategy_class(resolve({"strategy": "osfa"})).__name__ == "TSFA"
+
+
+def test_round_records_never_raise_whatever_a_statistic_holds():
+    s = LoRAFedAvg(2)
+    s.round_stats[1] = {"x": None, "n": np.int64(3), "mixed": [1, 2.5], "d": {"a": 1},
+                        "reasons": ["a"], "empty": [], "nested": [[1]], "sampled": [7]}
+    numbers, text = s.round_records(1)
+    assert dict(numbers) == {"num_clients": 0, "uplink_bytes": 0, "n": 3,
+                             "mixed": [1.0, 2.5], "empty": []}
+    assert dict(text) == {"x": "null", "d": '{"a": 1}', "reasons": ["a"], "nested": "[[1]]"}
+    assert 1 not in s.round_stats  # handed out once
+
+
+def test_override_that_only_prints_differently_is_sent_so_digests_agree():
+    from fedsoft.config import resolve
+    from strategies.messages import RoundPlan, TrainInstruction, train_config
+
+    base = resolve({})
+    cfg = base.with_values({"zeta": -0.0})
+    record = train_config(cfg, base)
+    assert "zeta" in record
+    record.update(RoundPlan(1, 0).to_values())
+    assert TrainInstruction.from_record(record).config(base) == cfg

@@ -327,7 +327,8 @@ def load_sketch_calibration(path: Path | str) -> SketchCalibration:
             warnings=list(raw.get("warnings", [])),
             target_decrease=float(raw.get("target_decrease", 0.0)),
             runs=list(raw.get("runs", [])),
-            rel_rms_residual=float(raw.get("rel_rms_residual", float("nan"))),
+            rel_rms_residual=float("nan") if raw.get("rel_rms_residual") is None
+            else float(raw["rel_rms_residual"]),  # JSON null (NaN written by plain json) too
             source=str(raw.get("source", "")))
         cal.objective()  # range checks
     except (OSError, KeyError, TypeError, ValueError) as exc:
