@@ -4,20 +4,36 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 from flwr.app import Array, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsoft.attacks import attack_class, hostile_reply
-from fedsoft.client_state import load_ef, save_ef, simulated_failure
 from fedsoft.client_update import local_round
-from fedsoft.config import split_message_config
+from fedsoft.compression.client_state import load_ef, save_ef, simulated_failure
+from fedsoft.config import RunConfig, resolve
+from strategies.messages import ARRAYS, CONFIG, METRICS, TrainInstruction
 from strategies.records import to_numpy, to_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# dependencies' deprecation notices (transformers, peft, ray) tell a fedsoft user nothing
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\b")
 
 EF_KEY = "error-feedback"
+APP_DIR = Path(__file__).resolve().parent
+_BASE: dict[str, RunConfig] = {}  # resolved context.run_config, once per run and process
+
+
+def base_config(context: Context) -> RunConfig:
+    """This node's own resolution of ``context.run_config`` (defaults, preset, overrides),
+    computed once per run config and process; the server sends only what it changed."""
+    key = repr(sorted(context.run_config.items()))
+    if key not in _BASE:
+        _BASE.clear()
+        _BASE[key] = resolve(context.run_config, APP_DIR / "conf")
+    return _BASE[key]
 
 app = ClientApp()
 
@@ -28,17 +44,18 @@ def train(msg: Message, context: Context) -> Message:
 
     The error-feedback memory (eqs. 11-14) stays on this node in ``context.state`` across rounds.
     """
-    cfg, extras = split_message_config(dict(msg.content["config"]))
+    instruction = TrainInstruction.from_record(msg.content[CONFIG])
+    cfg, plan = instruction.config(base_config(context)), instruction.plan
     partition_id = int(context.node_config["partition-id"])
-    server_round = int(extras.get("server-round", 0))
-    if simulated_failure(int(cfg["seed"]), server_round, partition_id,
-                         float(cfg["fail-fraction"])):
-        if cfg["fail-mode"] == "timeout":
-            time.sleep(float(cfg["round-timeout"]) + 5.0)
+    server_round = plan.server_round
+    if simulated_failure(cfg.run.seed, server_round, partition_id,
+                         cfg.run.fail_fraction):
+        if cfg.run.fail_mode == "timeout":
+            time.sleep(cfg.run.round_timeout + 5.0)
         raise RuntimeError(f"simulated failure of partition {partition_id} in round "
-                           f"{server_round} (fail-fraction = {cfg['fail-fraction']})")
-    hostile = int(cfg["attack-partition"]) == partition_id
-    if hostile and cfg["attack-mode"] == "crash":
+                           f"{server_round} (fail-fraction = {cfg.run.fail_fraction})")
+    hostile = cfg.run.attack_partition == partition_id
+    if hostile and cfg.run.attack_mode == "crash":
         raise RuntimeError(f"attack-mode = 'crash': partition {partition_id} fails round "
                            f"{server_round}")
     state_dir = _state_dir(cfg, context)
@@ -50,42 +67,42 @@ def train(msg: Message, context: Context) -> Message:
         ef_state = None
     arrays, metrics, ef_new = local_round(
         cfg,
-        to_numpy(msg.content["arrays"]),
+        to_numpy(msg.content[ARRAYS]),
         partition_id=partition_id,
         num_partitions=int(context.node_config["num-partitions"]),
         server_round=server_round,
-        node_id=int(extras.get("client-key", context.node_id)),  # the server's seed key
-        sparsity=float(extras["sparsity-ratio"]) if "sparsity-ratio" in extras else None,
+        node_id=plan.client_key,  # the server's seed key
+        sparsity=plan.sparsity,
         ef_state=ef_state,
-        sketch_k=int(extras["sketch-size"]) if "sketch-size" in extras else None,
+        sketch_k=plan.sketch_size,
     )
     if ef_new is not None:
         context.state[EF_KEY] = to_record(ef_new)
         if state_dir is not None:
             save_ef(state_dir, partition_id, server_round, ef_new,
-                    keep_every=int(cfg["checkpoint-every"]))
+                    keep_every=cfg.run.checkpoint_every)
     metrics["server-round"] = server_round  # binds the reply to the round it answers
     record = to_record(arrays)
     if hostile:  # fault injection (attack-partition): a reply the server must drop
-        bad = hostile_reply(attack_class(str(cfg["attack-mode"]), server_round), arrays,
-                            metrics, to_numpy(msg.content["arrays"]), seed=server_round)
+        bad = hostile_reply(attack_class(cfg.run.attack_mode, server_round), arrays,
+                            metrics, to_numpy(msg.content[ARRAYS]), seed=server_round)
         record = to_record(bad.arrays)
         for key, raw in bad.raw.items():
             record[key] = Array(dtype=raw.dtype, shape=raw.shape, stype="numpy.ndarray",
                                 data=raw.data)
         metrics = bad.metrics
-    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
+    content = RecordDict({ARRAYS: record, METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
-def _state_dir(cfg: dict, context: Context) -> Path | None:
+def _state_dir(cfg: RunConfig, context: Context) -> Path | None:
     """Where this node keeps its error memory: node-config ``state-dir``, ``client-state-dir``,
     or ``<run-dir>/client-state``; None when none is known."""
     if context.node_config.get("state-dir"):
         return Path(str(context.node_config["state-dir"]))
-    if cfg["client-state-dir"]:
-        return Path(str(cfg["client-state-dir"]))
-    return Path(str(cfg["run-dir"])) / "client-state" if cfg["run-dir"] else None
+    if cfg.run.client_state_dir:
+        return Path(cfg.run.client_state_dir)
+    return Path(cfg.run.run_dir) / "client-state" if cfg.run.run_dir else None
 
 
 @app.query()

@@ -6,7 +6,7 @@
    384x10) and ViT-B (4 blocks x q,v, d = k = 768, head 768x100) at the default budget
    (``latency-budget-fraction`` = 0.5 x the nominal dense round at rank 8), N = 100, K = 10.
 3. Controller-only study over --rounds rounds (default 5000) of seeded Rayleigh CSI, as the
-   server runs it (:func:`fedsoft.tsfa_plan.plan`, P3 on the wire payload, realised latency
+   server runs it (:func:`fedsoft.wireless.plan.plan`, P3 on the wire payload, realised latency
    with the true gains): a V sweep, the fixed-rho oracle (the smallest fixed rho whose realised
    average latency meets T_bar on the same draws, and the one matching each V's realised
    average), imperfect CSI (csi-error 0, 0.1, 0.3) and the start rule (budget vs dense).
@@ -38,12 +38,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fedsoft.online as online
-from fedsoft import tsfa_plan
-from fedsoft.bound import sparsification_term
-from fedsoft.channel import Channel, equal_finish
+import fedsoft.wireless.controller as online
 from fedsoft.config import resolve
-from fedsoft.online import deadline_latency
+from fedsoft.wireless import plan as tsfa_plan
+from fedsoft.wireless.bound import sparsification_term
+from fedsoft.wireless.channel import Channel, equal_finish
+from fedsoft.wireless.controller import deadline_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {

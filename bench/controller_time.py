@@ -15,16 +15,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
-from fedsoft.bound import BoundConstants
-from fedsoft.channel import Channel, ChannelConfig
-from fedsoft.online import (
+from fedsoft.runlog import read_metrics
+from fedsoft.wireless.bound import BoundConstants
+from fedsoft.wireless.channel import Channel, ChannelConfig
+from fedsoft.wireless.controller import (
     P3Problem,
     TSFAController,
     solve_p3_bisection,
     solve_p3_closed_form,
     solve_p3_cvxpy,
 )
-from fedsoft.runlog import read_metrics
 
 DK = 12_288  # ViT-Base: 4 blocks x (q, v), d + k = 768 + 768 each
 RANK = 8

@@ -26,13 +26,13 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402  (internal API, 1.42)
 
 from fedsoft.attacks import CLASSES, hostile_reply  # noqa: E402
-from fedsoft.channel import Channel, ChannelConfig  # noqa: E402
+from fedsoft.compression.error_feedback import ErrorFeedback  # noqa: E402
+from fedsoft.compression.update import SparseSettings, encode_update  # noqa: E402
 from fedsoft.config import DEFAULTS  # noqa: E402
-from fedsoft.error_feedback import ErrorFeedback  # noqa: E402
-from fedsoft.sketch import layer_indices, sketch_reply  # noqa: E402
-from fedsoft.sketch_opt import SamplingPlan  # noqa: E402
-from fedsoft.sparse_update import SparseSettings, encode_update  # noqa: E402
-from fedsoft.wallclock import SystemModel, compute_speeds  # noqa: E402
+from fedsoft.sketching.optimizer import SamplingPlan  # noqa: E402
+from fedsoft.sketching.sketch import layer_indices, sketch_reply  # noqa: E402
+from fedsoft.sketching.wallclock import SystemModel, compute_speeds  # noqa: E402
+from fedsoft.wireless.channel import Channel, ChannelConfig  # noqa: E402
 from strategies import LoRAFedAvg, SketchFedAvg, SparseLoRAFedAvg  # noqa: E402
 from strategies.records import to_numpy, to_record  # noqa: E402
 

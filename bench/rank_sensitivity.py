@@ -1,18 +1,18 @@
 """How the TSFA offline rank r* (P2, eqs. 25-29) moves with each constant of Phi (A.8).
 
 For each setting the bench first measures sigma_bar_r (eq. 19) and sigma_max (Assumption 6)
-with the pilot of ``bound-calibration = "auto"`` (:func:`fedsoft.pilot.simulate_pilot`: the
+with the pilot of ``bound-calibration = "auto"`` (:func:`fedsoft.wireless.pilot.simulate_pilot`: the
 same dense pilot, client code and eq.-(5) aggregation the ServerApp runs on its Grid, here
 in-process, at the largest of ``tsfa-ranks`` for ``bound-pilot-rounds`` rounds of
 ``bound-pilot-local-steps`` steps). Then it makes the offline plan exactly as the server does
-(:func:`fedsoft.tsfa_plan.plan`, real encoded payload sizes) with every constant scaled by
+(:func:`fedsoft.wireless.plan.plan`, real encoded payload sizes) with every constant scaled by
 0.1, 0.5, 1, 2, 10 in turn, once with the default spectra (``bound-sigma-bar`` =
 ``bound-sigma-max`` = 1 for every rank) and once with the measured ones, and prints r* for
 each. At the baseline it prints the offline table split into the terms of Phi0(r, rho*(r)):
 rank error (i), covariance (iii) and sparsification (iv).
 
 Settings: ``minilm``: the MiniLM-L6 default (quickstart) with N = 100 clients, K = 10 and the
-default budget; ``fig3c``: the cpu-scale fig3c TSFA run (fedsoft.experiments: 6 SuperNodes,
+default budget; ``fig3c``: the cpu-scale fig3c TSFA run (fedsoft.experiments.runner: 6 SuperNodes,
 K = 3, the quickstart model with its overrides).
 
 Usage: python bench/rank_sensitivity.py [--settings minilm,fig3c] [--out DIR]
@@ -35,12 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedsoft import experiments, lora, tsfa_plan, workload  # noqa: E402
-from fedsoft.bound import sparsification_term  # noqa: E402
-from fedsoft.calibration import calibrate_run, write_calibration  # noqa: E402
+from fedsoft import lora  # noqa: E402
 from fedsoft.config import resolve  # noqa: E402
-from fedsoft.offline import InfeasibleLatencyError  # noqa: E402
-from fedsoft.pilot import simulate_pilot  # noqa: E402
+from fedsoft.experiments import runner as experiments
+from fedsoft.task import workload
+from fedsoft.wireless import plan as tsfa_plan
+from fedsoft.wireless.bound import sparsification_term  # noqa: E402
+from fedsoft.wireless.calibration import calibrate_run, write_calibration  # noqa: E402
+from fedsoft.wireless.offline_rank import InfeasibleLatencyError  # noqa: E402
+from fedsoft.wireless.pilot import simulate_pilot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "data" / "rank-sensitivity"

@@ -4,7 +4,11 @@ Runs the quickstart preset through `flwr run` (4 simulated SuperNodes, one Ray a
 so the K clients of a round train one after another) and reads, per round, the server-side wall
 time of the train phase (``round_s``: send, client work, receive, decode) and the sum of the
 clients' own ``train_local`` time (``train_s``). Prints overhead = 1 - train_s / round_s.
+``--supernodes N`` simulates N SuperNodes (K = clients-per-round of the preset still train per
+round); ``--app-dir DIR`` runs another checkout's app (e.g. the previous version) for a
+before/after comparison.
 Usage: python bench/round_overhead.py [--rounds N] [--preset NAME] [--sparsifier S --sparsity R]
+       [--supernodes N] [--app-dir DIR]
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedsoft.launch import flwr_run  # noqa: E402
+from fedsoft.experiments.launch import flwr_run  # noqa: E402
 from fedsoft.runlog import read_metrics  # noqa: E402
 
 
@@ -26,13 +30,15 @@ def main() -> None:
     ap.add_argument("--preset", default="quickstart")
     ap.add_argument("--sparsifier", default="dense")
     ap.add_argument("--sparsity", type=float, default=0.0)
+    ap.add_argument("--supernodes", type=int, default=4)
+    ap.add_argument("--app-dir", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cfg = (f'preset="{args.preset}" num-server-rounds={args.rounds} run-dir="{run_dir}" '
                f'sparsifier="{args.sparsifier}" sparsity={args.sparsity}')
-        proc = flwr_run(Path(tmp) / "home", cfg, num_supernodes=4, cpus_per_client=2,
-                        timeout=3600)
+        proc = flwr_run(Path(tmp) / "home", cfg, num_supernodes=args.supernodes,
+                        cpus_per_client=2, timeout=3600, app_dir=args.app_dir)
         if proc.returncode != 0:
             sys.exit(proc.stdout[-4000:] + proc.stderr[-4000:])
         first, *rows = read_metrics(run_dir / "metrics.jsonl")
@@ -45,6 +51,8 @@ def main() -> None:
     total, train = sum(r["round_s"] for r in steady), sum(r["train_s"] for r in steady)
     print(f"overhead share (rounds {steady[0]['round']}-{steady[-1]['round']}): "
           f"{1 - train / total:.1%}   target < 10 %")
+    print(f"mean round_s (rounds {steady[0]['round']}-{steady[-1]['round']}): "
+          f"{total / len(steady):.2f} s with {args.supernodes} SuperNodes")
 
 
 if __name__ == "__main__":

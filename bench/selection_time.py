@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # passive OpenMP waiting: on a shared, oversubscribed host spinning threads inflate SVD times 10x
@@ -16,9 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
-from fedsoft.orthogonality import orth_offdiag, orth_penalty
-from fedsoft.sparsifiers import SPARSIFIERS, from_rows, keep_count, to_rows
-from fedsoft.spectrum import svd_proxy_rel_err
+from fedsoft.compression.orthogonality import orth_offdiag, orth_penalty
+from fedsoft.compression.sparsifiers import SPARSIFIERS, from_rows, keep_count, to_rows
+from fedsoft.compression.spectrum import svd_proxy_rel_err
+from fedsoft.experiments.timing import median_time  # noqa: E402
 
 D = K = 768  # ViT-Base hidden size
 N_LAYERS = 8  # 4 blocks x (q, v)
@@ -65,16 +64,6 @@ def penalty_trained_factors(
             opt.step()
         out.append((A.detach(), B.detach()))
     return out
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def quality(layers: list[tuple[torch.Tensor, torch.Tensor]], r: int) -> dict[str, float]:

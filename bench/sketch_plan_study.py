@@ -34,11 +34,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsoft.channel import Channel, ChannelConfig  # noqa: E402
 from fedsoft.config import resolve  # noqa: E402
-from fedsoft.sketch_calibration import load_sketch_calibration  # noqa: E402
-from fedsoft.sketch_opt import SketchObjective, optimize_sampling, uniform_plan  # noqa: E402
-from fedsoft.wallclock import SystemModel  # noqa: E402
+from fedsoft.sketching.calibration import load_sketch_calibration  # noqa: E402
+from fedsoft.sketching.optimizer import SketchObjective, optimize_sampling, uniform_plan  # noqa: E402
+from fedsoft.sketching.wallclock import SystemModel  # noqa: E402
+from fedsoft.wireless.channel import Channel, ChannelConfig  # noqa: E402
 
 DEFAULT_CALS = [ROOT / "docs/data/figB-plan/sketch_calibration_figB_cpu.json",
                 ROOT / "docs/data/figB-plan/sketch_calibration_ci_auto.json"]
@@ -104,8 +104,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs/data/figB-plan/plan_study.json")
     args = ap.parse_args()
     t0 = time.time()
-    from fedsoft import workload  # noqa: PLC0415
-    from server_app import sketch_system  # noqa: PLC0415 (loads torch / the model)
+    from fedsoft.task import workload  # noqa: PLC0415
+    from strategies.planning import sketch_system  # noqa: PLC0415 (loads torch / the model)
 
     cfg = resolve({"preset": "quickstart", "dataset": "20ng", "strategy": "sketch",
                    "local-steps": 8, "max-train-examples": 3000, "max-test-examples": 400,
@@ -125,7 +125,7 @@ def main() -> None:
     for spread in (1, 10):
         sig = spread_sigma(n, args.seed, spread)
         for overhead in (0.0, 1.0):
-            c = {**cfg, "compute-heterogeneity": sig, "round-overhead-s": overhead}
+            c = cfg.with_values({"compute-heterogeneity": sig, "round-overhead-s": overhead})
             base, sizes = sketch_system(c, work, n)
             shadow_cc = dataclasses.replace(base.channel.config, min_distance_m=100.0,
                                             max_distance_m=1000.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedsoft.launch import flwr_run  # noqa: E402
+from fedsoft.experiments.launch import flwr_run  # noqa: E402
 from fedsoft.runlog import read_metrics  # noqa: E402
 
 

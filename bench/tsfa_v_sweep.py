@@ -1,6 +1,6 @@
 """TSFA online stage alone (no training): how V trades average ratio against meeting T_bar.
 
-Builds the controller exactly as the server does (:func:`fedsoft.tsfa_plan.plan` on the resolved
+Builds the controller exactly as the server does (:func:`fedsoft.wireless.plan.plan` on the resolved
 run config; default: the quickstart MiniLM-L6 with query/value adapters, 4 clients, K = 2),
 simulates rounds of Rayleigh CSI with the predicted latency fed back (eq. 30), and prints, per V,
 the mean rho and the running-average latency after 5, 20 and --rounds rounds against the budget.
@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedsoft import tsfa_plan
 from fedsoft.config import DEFAULTS, validate
+from fedsoft.wireless import plan as tsfa_plan
 
 DK_MINILM = 12 * (384 + 384)  # 6 blocks x (query, value), d + k = 384 + 384 each
 

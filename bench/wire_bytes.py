@@ -1,9 +1,11 @@
-"""Bytes per client-round of fedsoft.codec payloads as Flower counts them, vs dense, COO and floor.
+"""Bytes per client-round of fedsoft.compression.codec payloads as Flower counts them, vs dense,
+COO and floor.
 
 Run: ``.venv/bin/python bench/wire_bytes.py``. Every number is measured in this run:
 
 * dense fp32 = ``ArrayRecord`` of the dense LoRA factors (``lora_A``, ``lora_B`` per layer);
-* ours = ``ArrayRecord`` of ``fedsoft.codec.encode`` (float32 values, explicit positions);
+* ours = ``ArrayRecord`` of ``fedsoft.compression.codec.encode`` (float32 values, explicit
+  positions);
 * target = (1 - sparsity) x dense fp32, i.e. the value-only payload of eq. (6), arXiv 2505.00333;
 * floor = 32 bits per kept value + sum over rank rows of log2 C(d + k, kept_row) position bits
   (the per-row counts are fixed by the per-row top-k, so this is the tight entropy bound);
@@ -22,7 +24,7 @@ from flwr.app import Array, ArrayRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
-from fedsoft.codec import MODE_BITMAP, LayerSpec, decode, encode
+from fedsoft.compression.codec import MODE_BITMAP, LayerSpec, decode, encode
 
 SHAPES = {
     # name: (layer names, r, d, k)

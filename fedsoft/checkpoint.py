@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.common import log
 
+from fedsoft.config import RunConfig
 from fedsoft.durable import fsync_dir, fsync_file, fsync_tree
+from fedsoft.logs import log
 
 __all__ = ["CheckpointError", "RESUME_IGNORED", "check_compatible", "load", "save"]
 
@@ -52,7 +53,7 @@ def save(root: Path | str, server_round: int, arrays: Mapping[str, np.ndarray],
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        text = json.dumps({"round": int(server_round), **state})
+        text = json.dumps({"round": int(server_round), **state}, default=_flat_config)
         np.savez(tmp / "arrays.npz", **{k: np.asarray(v) for k, v in arrays.items()})
         fsync_file(tmp / "arrays.npz")
         (tmp / "state.json").write_text(text)
@@ -222,3 +223,10 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> No
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
         raise CheckpointError(f"resume-from: the run config differs from the checkpoint's "
                               f"({detail}); only {sorted(RESUME_IGNORED)} may change")
+
+
+def _flat_config(obj: Any) -> Any:
+    """JSON for a :class:`fedsoft.config.RunConfig` in a checkpoint: its flat keys."""
+    if isinstance(obj, RunConfig):
+        return obj.flat()
+    raise TypeError(f"checkpoint state holds a {type(obj).__name__}, which is not JSON")

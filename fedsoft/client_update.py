@@ -5,38 +5,28 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Any
 
 import numpy as np
 import torch
 
-from fedsoft import lora, workload
-from fedsoft.error_feedback import ErrorFeedback
-from fedsoft.models import pick_device
-from fedsoft.sketch import layer_indices, sketch_reply, sketched_training
-from fedsoft.sparse_update import SparseSettings, encode_update
-from fedsoft.train import train_local
+from fedsoft import lora
+from fedsoft.compression.error_feedback import ErrorFeedback
+from fedsoft.compression.update import SparseSettings, encode_update
+from fedsoft.config import ConfigLike, RunConfig
+from fedsoft.sketching.sketch import layer_indices, sketch_reply, sketched_training
+from fedsoft.task import workload
+from fedsoft.task.models import pick_device
+from fedsoft.task.train import train_local
 
 
-def sparse_settings(cfg: Mapping[str, Any], sparsity: float | None = None) -> SparseSettings:
-    """The compression settings of a run (``sparsity`` overrides the fixed ratio, e.g. TSFA's)."""
-    return SparseSettings(
-        sparsifier=str(cfg["sparsifier"]),
-        sparsity=float(cfg["sparsity"] if sparsity is None else sparsity),
-        target=str(cfg["sparsify-target"]),
-        dtype=str(cfg["wire-dtype"]),
-        split=str(cfg["soft-split"]),
-        seed=int(cfg["seed"]),
-    )
-
-
-def ef_signature(cfg: Mapping[str, Any], settings: SparseSettings) -> str:
+def ef_signature(cfg: ConfigLike, settings: SparseSettings) -> str:
     """Error memory is reset when the model, rank or compression layout changes."""
-    return f"{cfg['model']}|r={cfg['lora-rank']}|{settings.signature}"
+    cfg = RunConfig.coerce(cfg)
+    return f"{cfg.training.model}|r={cfg.training.lora_rank}|{settings.signature}"
 
 
 def local_round(
-    cfg: Mapping[str, Any],
+    cfg: ConfigLike,
     global_arrays: Mapping[str, np.ndarray],
     partition_id: int,
     num_partitions: int,
@@ -54,8 +44,9 @@ def local_round(
     no error memory; otherwise it is the wire payload of :func:`encode_update` (eqs. 10-14).
     ``num-examples`` is the partition size, the data share p_i of eqs. (3)/(5).
     With ``sketch_k`` (paper B) only ``sketch_k`` of the r rank components per layer are trained
-    (indices from the shared seed) and the reply is their deltas (:mod:`fedsoft.sketch`).
+    (indices from the shared seed) and the reply is their deltas (:mod:`fedsoft.sketching.sketch`).
     """
+    cfg = RunConfig.coerce(cfg)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id = {partition_id}: must be in [0, {num_partitions})")
     work = workload.build_workload(cfg)
@@ -63,22 +54,22 @@ def local_round(
     loader, n_part = workload.train_loader(cfg, work, partition_id, num_partitions, server_round)
     indices = None
     if sketch_k is not None:
-        indices = layer_indices(global_arrays, int(sketch_k), int(cfg["seed"]), server_round,
+        indices = layer_indices(global_arrays, int(sketch_k), cfg.run.seed, server_round,
                                 node_id)
     # dropout & co.: seeded per (run, round, partition) so the same seed gives the same run
     torch.manual_seed(int(np.random.SeedSequence(
-        [int(cfg["seed"]), server_round, partition_id]).generate_state(1)[0]))
+        [cfg.run.seed, server_round, partition_id]).generate_state(1)[0]))
     t0 = time.perf_counter()
     with sketched_training(work.model, indices) if indices is not None else nullcontext():
         result = train_local(
             work.model,
             loader,
-            epochs=int(cfg["local-epochs"]),
-            steps=int(cfg["local-steps"]),
-            lr=float(cfg["lr"]),
-            weight_decay=float(cfg["weight-decay"]),
-            zeta=float(cfg["zeta"]),
-            device=pick_device(str(cfg["device"])),
+            epochs=cfg.training.local_epochs,
+            steps=cfg.training.local_steps,
+            lr=cfg.training.lr,
+            weight_decay=cfg.training.weight_decay,
+            zeta=cfg.compression.zeta,
+            device=pick_device(cfg.run.device),
         )
     train_s = time.perf_counter() - t0
     work.model.cpu()
@@ -93,9 +84,9 @@ def local_round(
     if indices is not None:
         metrics["sketch-size"] = int(sketch_k)
         return sketch_reply(global_arrays, local_arrays, indices), metrics, None
-    if str(cfg["sparsifier"]) == "dense":
+    if cfg.compression.sparsifier == "dense":
         return local_arrays, metrics, None
-    settings = sparse_settings(cfg, sparsity)
+    settings = SparseSettings.from_config(cfg, sparsity)
     signature = ef_signature(cfg, settings)
     ef = ErrorFeedback.from_arrays(ef_state or {}, signature)
     payload, info = encode_update(global_arrays, local_arrays, settings, ef,

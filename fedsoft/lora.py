@@ -11,11 +11,9 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 
 from fedsoft.aggregate import check_like
+from fedsoft.layout import A_SUFFIX, B_SUFFIX, HEAD_PREFIX
 
 ADAPTER = "default"
-A_SUFFIX = ".lora_A"
-B_SUFFIX = ".lora_B"
-HEAD_PREFIX = "head."
 
 
 class ArraysError(ValueError):

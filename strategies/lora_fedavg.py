@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -12,20 +14,33 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from fedsoft.aggregate import (
     AcceptedReply,
     ReplyError,
     check_like,
     check_weight,
-    metric_float,
-    metric_int,
     weighted_average,
 )
-from strategies.records import ReplyLayout, checked_numpy, to_numpy, to_record
+from fedsoft.config import RunConfig
+
+from .messages import ReplyMetrics, RoundPlan
+from .records import ReplyLayout, checked_numpy, to_numpy, to_record
+from .setup import ServerSetup, SetupResult
 
 NORM_ROUNDS = 3  # rounds of accepted update norms pooled into the norm bound's reference
+
+
+class _NoEvaluateNotice(logging.Filter):
+    """Drops FedAvg's "fraction_evaluate is set to 0.0" warning: fedsoft evaluates on the
+    server (``evaluate_fn``) and never sends evaluate messages, so it says nothing to a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("fraction_evaluate is set to 0.0")
+
+
+_NO_EVALUATE_NOTICE = _NoEvaluateNotice()
 
 
 class LoRAFedAvg(FedAvg):
@@ -63,14 +78,19 @@ class LoRAFedAvg(FedAvg):
     ) -> None:
         if clients_per_round < 1:
             raise ValueError(f"clients-per-round = {clients_per_round}: must be >= 1")
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=1,
-            min_evaluate_nodes=0,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-        )
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.addFilter(_NO_EVALUATE_NOTICE)  # evaluation is server-side by design
+        try:
+            super().__init__(
+                fraction_train=1.0,
+                fraction_evaluate=0.0,
+                min_train_nodes=1,
+                min_evaluate_nodes=0,
+                min_available_nodes=min_available_nodes,
+                weighted_by_key=weighted_by_key,
+            )
+        finally:
+            flwr_log.removeFilter(_NO_EVALUATE_NOTICE)
         self.clients_per_round = clients_per_round
         if min_replies < 1:
             raise ValueError(f"min-replies = {min_replies}: must be >= 1")
@@ -94,34 +114,101 @@ class LoRAFedAvg(FedAvg):
         self._round_t0 = time.perf_counter()
         self.reply_bytes: dict[int, int] = {}  # node id -> bytes received this round (valid)
 
-    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              first_round: int = 1, evaluate_fn: Any = None, **kwargs: Any) -> Any:
-        """Flower's ``Strategy.start``; ``first_round`` > 1 resumes a run: rounds keep their
-        numbers (seeds, channel draws and logs depend on them), ``num_rounds`` stays the total,
-        and the round-0 evaluation is skipped."""
-        off = int(first_round) - 1
-        if off < 0:
-            raise ValueError(f"first_round = {first_round}: must be >= 1")
-        if off == 0:
-            return super().start(grid=grid, initial_arrays=initial_arrays,
-                                 num_rounds=num_rounds, evaluate_fn=evaluate_fn, **kwargs)
-        names = ("configure_train", "aggregate_train")
-        saved = {k: self.__dict__[k] for k in names if k in self.__dict__}
-        configure, aggregate = self.configure_train, self.aggregate_train
-        self.configure_train = lambda r, *a, **k: configure(r + off, *a, **k)  # type: ignore
-        self.aggregate_train = lambda r, *a, **k: aggregate(r + off, *a, **k)  # type: ignore
-        shifted = None if evaluate_fn is None else (
-            lambda r, arrays: None if r == 0 else evaluate_fn(r + off, arrays))
-        try:
-            return super().start(grid=grid, initial_arrays=initial_arrays,
-                                 num_rounds=max(num_rounds - off, 0), evaluate_fn=shifted,
-                                 **kwargs)
-        finally:
-            for k in names:
-                self.__dict__.pop(k, None)
-            self.__dict__.update(saved)
+    @classmethod
+    def setup(cls, cfg: RunConfig, setup: ServerSetup) -> SetupResult:
+        """What this strategy needs before round 1 (nothing here; TSFA and sketching plan)."""
+        return SetupResult(cfg)
 
-    # -- checkpoint state -----------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, node_to_client: dict[int, int] | None = None,
+                    data_sizes: Mapping[int, int] | None = None, **parts: Any) -> LoRAFedAvg:
+        """Construct from the typed run config (``run`` section) and set-up ``parts``."""
+        return cls(cfg.run.clients_per_round, **cls.common_kwargs(cfg, node_to_client,
+                                                                  data_sizes), **parts)
+
+    @staticmethod
+    def common_kwargs(cfg: RunConfig, node_to_client: dict[int, int] | None,
+                      data_sizes: Mapping[int, int] | None) -> dict[str, Any]:
+        """Constructor arguments every strategy takes from the ``run`` section."""
+        return dict(min_available_nodes=cfg.run.min_available_nodes, seed=cfg.run.seed,
+                    min_replies=cfg.run.min_replies, node_to_client=node_to_client,
+                    data_sizes=data_sizes, max_num_examples=cfg.run.max_num_examples,
+                    update_norm_bound=cfg.run.update_norm_bound)
+
+    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              first_round: int = 1, timeout: float = 3600.0,
+              train_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              on_round: Callable[[int, ArrayRecord, RecordDict], None] | None = None,
+              **unused: Any) -> Result:
+        """Run rounds ``first_round`` .. ``num_rounds`` (Flower's ``Strategy.start``, owned here).
+
+        Each round: :meth:`configure_train`, ``grid.send_and_receive``, :meth:`aggregate_train`,
+        then ``evaluate_fn(round, arrays)`` (server-side evaluation; no evaluate messages go
+        out) and ``on_round(round, arrays, records)`` with ``records`` a RecordDict of
+        ``"train"`` (the round's statistics, a MetricRecord), ``"notes"`` (its text, e.g.
+        ``dropped_reasons``, a ConfigRecord) and ``"evaluate"`` (what ``evaluate_fn``
+        returned). Round 0 (the initial model) is evaluated when ``first_round`` is 1; a resumed
+        run (``first_round`` > 1) keeps the round numbers its seeds and channel draws use."""
+        if int(first_round) < 1:
+            raise ValueError(f"first_round = {first_round}: must be >= 1")
+        if unused.get("evaluate_config") is not None:
+            raise ValueError("evaluate_config: evaluation is server-side (evaluate_fn) only")
+        config = ConfigRecord() if train_config is None else train_config
+        result = Result()
+        arrays = initial_arrays
+        log(INFO, "%s: rounds %d..%d", type(self).__name__, first_round, num_rounds)
+        if first_round == 1:
+            self._finish_round(0, arrays, result, evaluate_fn, on_round)
+        for server_round in range(int(first_round), int(num_rounds) + 1):
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, config, grid),
+                timeout=timeout)
+            new, _ = self.aggregate_train(server_round, replies)
+            if new is not None:
+                result.arrays = arrays = new
+            self._finish_round(server_round, arrays, result, evaluate_fn, on_round)
+        return result
+
+    def _finish_round(self, server_round: int, arrays: ArrayRecord, result: Result,
+                      evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+                      on_round: Callable[[int, ArrayRecord, RecordDict], None] | None) -> None:
+        train, notes = self.round_records(server_round)
+        result.train_metrics_clientapp[server_round] = train
+        records = RecordDict({"train": train, "notes": notes})
+        if evaluate_fn is not None:
+            evaluation = evaluate_fn(server_round, arrays)
+            if evaluation is not None:
+                result.evaluate_metrics_serverapp[server_round] = evaluation
+                records["evaluate"] = evaluation
+        if on_round is not None:
+            on_round(server_round, arrays, records)
+
+    def round_records(self, server_round: int) -> tuple[MetricRecord, ConfigRecord]:
+        """The round's statistics, handed out once: numbers (and lists of numbers) as a
+        MetricRecord, everything else (e.g. ``dropped_reasons``, ``aggregate_problem``) as a
+        ConfigRecord; the sampled node ids stay inside the strategy. Never raises: numpy
+        scalars become Python numbers, a mixed int/float list becomes floats, and a value
+        neither record can hold is kept as its JSON text."""
+        stats = self.round_stats.pop(server_round, {})
+        numbers: dict[str, Any] = {"num_clients": 0, "uplink_bytes": 0}
+        text: dict[str, Any] = {}
+        for key, value in stats.items():
+            if key == "sampled":
+                continue
+            value = _plain(value)
+            if _is_number(value):
+                numbers[key] = value
+            elif isinstance(value, list) and all(_is_number(v) for v in value):
+                numbers[key] = ([float(v) for v in value]
+                                if len({type(v) for v in value}) > 1 else value)
+            elif isinstance(value, str) or (isinstance(value, list)
+                                             and all(isinstance(v, str) for v in value)):
+                text[key] = value
+            else:
+                text[key] = json.dumps(value, default=str)
+        return MetricRecord(numbers), ConfigRecord(text)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able strategy state between rounds (sampling RNG); subclasses extend it."""
         version, internal, gauss = self.rng.getstate()
@@ -204,12 +291,15 @@ class LoRAFedAvg(FedAvg):
         e.g. TSFA's outage rule leaves out clients in a deep fade), or None for all of them."""
         return None
 
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        """What this node is told this round (:class:`strategies.messages.RoundPlan`);
+        subclasses add their per-node values (ratio, bandwidth share, sketch size)."""
+        return RoundPlan(server_round=server_round, client_key=self.client_key(node_id))
+
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        """Per-node ConfigRecord; subclasses add their per-node values (ratio, bandwidth)."""
-        cfg = ConfigRecord(dict(config))
-        cfg["server-round"] = server_round
-        cfg["client-key"] = self.client_key(node_id)
-        return cfg
+        """The TRAIN message's ConfigRecord: ``config`` (the ``train_config`` of :meth:`start`,
+        see :func:`strategies.messages.train_config`) plus the node's round plan."""
+        return ConfigRecord({**dict(config), **self.round_plan(server_round, node_id).to_values()})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -298,25 +388,19 @@ class LoRAFedAvg(FedAvg):
         record = next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()))
         nbytes = int(record.count_bytes())
-        answered = metric_int(metrics, "server-round")
-        if answered != server_round:
-            raise ReplyError(f"reply answers round {answered}, this is round {server_round}")
-        reported = metric_int(metrics, self.weighted_by_key)
-        if reported < 1:
-            raise ReplyError(f"{self.weighted_by_key} = {reported}: must be >= 1")
-        weight = check_weight(self.reply_weight(nid, reported), self.weighted_by_key)
-        loss = metric_float(metrics, "train-loss", required=False)
-        train_s = metric_float(metrics, "train-s", required=False, minimum=0.0)
+        reply = ReplyMetrics.from_record(metrics, self.weighted_by_key)
+        if reply.server_round != server_round:
+            raise ReplyError(f"reply answers round {reply.server_round}, this is round "
+                             f"{server_round}")
+        weight = check_weight(self.reply_weight(nid, reply.num_examples), self.weighted_by_key)
         arrays = checked_numpy(record, self.reply_layout(server_round, nid),
                                what=f"reply of node {nid}")
         decoded = self.decode_reply(server_round, nid, arrays, metrics)
         norm = self.update_norm(decoded)
         if not np.isfinite(norm):
             raise ReplyError(f"update norm {norm} is not finite")
-        extra = {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)
-                 and np.isfinite(float(v))}
-        return AcceptedReply(nid, decoded, weight, norm, nbytes, loss, train_s or 0.0, extra)
+        return AcceptedReply(nid, decoded, weight, norm, nbytes, reply.train_loss, reply.train_s,
+                             reply.extra)
 
     def _bound_norms(self, server_round: int, accepted: list[AcceptedReply],
                      dropped: list[str]) -> list[AcceptedReply]:
@@ -446,3 +530,16 @@ class LoRAFedAvg(FedAvg):
     def summary(self) -> None:
         log(INFO, "\t%s: K = %d clients per round, seeded sampling, server-side evaluation",
             type(self).__name__, self.clients_per_round)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (and lists of them) as Python values, for Flower's records."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [v.item() if isinstance(v, np.generic) else v for v in value]
+    return value

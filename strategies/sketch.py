@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedsoft.aggregate import AcceptedReply
-from fedsoft.lora import HEAD_PREFIX
-from fedsoft.sampling import unbiased_update
-from fedsoft.sketch import expand_reply, layer_indices
-from fedsoft.sketch_opt import SamplingPlan
-from fedsoft.sparse_update import layer_specs
-from fedsoft.wallclock import SystemModel
-from strategies.lora_fedavg import LoRAFedAvg
-from strategies.records import ReplyLayout
+from fedsoft.config import RunConfig
+from fedsoft.layout import HEAD_PREFIX, layer_specs
+from fedsoft.sketching.independent_sampling import unbiased_update
+from fedsoft.sketching.optimizer import SamplingPlan
+from fedsoft.sketching.sketch import expand_reply, layer_indices
+from fedsoft.sketching.wallclock import SystemModel
+
+from .lora_fedavg import LoRAFedAvg
+from .messages import RoundPlan
+from .records import ReplyLayout
+from .setup import ServerSetup, SetupResult
 
 
 class SketchFedAvg(LoRAFedAvg):
@@ -26,7 +31,8 @@ class SketchFedAvg(LoRAFedAvg):
     and uploads a sketch of k_n of the r rank components per layer (indices from a shared seed),
     and the server applies X + eta_s sum (a_n / q_n) Delta_n, an unbiased estimate of the
     full-participation update (B.1). ``plan`` holds q and k per client (from
-    :func:`fedsoft.sketch_opt.optimize_sampling` or :func:`~fedsoft.sketch_opt.uniform_plan`);
+    :func:`fedsoft.sketching.optimizer.optimize_sampling` or
+    :func:`~fedsoft.sketching.optimizer.uniform_plan`);
     ``system`` simulates each round's wall-clock (compute + FDMA upload, B.3).
 
     ``node_to_client`` maps node ids to client indices (partition ids); ``data_shares`` are the
@@ -53,6 +59,21 @@ class SketchFedAvg(LoRAFedAvg):
         self.np_rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(5,)))
         self.wallclock_s = 0.0
         self._clients: dict[int, int] = {}
+
+    @classmethod
+    def setup(cls, cfg: RunConfig, setup: ServerSetup) -> SetupResult:
+        """System model, pilot and (q, k) plan (:func:`strategies.planning.setup_sketch`)."""
+        from .planning import setup_sketch  # noqa: PLC0415 - planning imports the strategies
+
+        return setup_sketch(cfg, setup)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, node_to_client: dict[int, int] | None = None,
+                    data_sizes: Mapping[int, int] | None = None, **parts: Any) -> SketchFedAvg:
+        """``parts`` = plan, system, sizes (from :meth:`setup`); every node may take part."""
+        return cls(parts["plan"], parts["system"], parts["sizes"],
+                   server_lr=cfg.sketching.server_lr,
+                   **cls.common_kwargs(cfg, node_to_client, data_sizes))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "np_rng": self.np_rng.bit_generator.state,
@@ -86,10 +107,9 @@ class SketchFedAvg(LoRAFedAvg):
         log(INFO, "round %d: %d participants, simulated round %.2f s (total %.1f s)",
             server_round, len(node_ids), sim_s, self.wallclock_s)
 
-    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        cfg = super().node_config(server_round, node_id, config)
-        cfg["sketch-size"] = int(self.plan.k[self._clients[node_id]])
-        return cfg
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        return replace(super().round_plan(server_round, node_id),
+                       sketch_size=int(self.plan.k[self._clients[node_id]]))
 
     def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
         """Exactly the sketched rows of A, columns of B and the head, in float32."""

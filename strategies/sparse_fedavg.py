@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import MetricRecord
 from flwr.common import log
 
-from fedsoft import codec
-from fedsoft.covariance import cov_fro
-from fedsoft.orthogonality import orth_offdiag
-from fedsoft.sparse_update import SparseSettings, decode_update, head_arrays, layer_specs
-from fedsoft.spectrum import svd_proxy_rel_err
-from strategies.lora_fedavg import LoRAFedAvg
-from strategies.records import ReplyLayout
+from fedsoft.compression import codec
+from fedsoft.compression.covariance import cov_fro
+from fedsoft.compression.orthogonality import orth_offdiag
+from fedsoft.compression.spectrum import svd_proxy_rel_err
+from fedsoft.compression.update import SparseSettings, decode_update
+from fedsoft.config import RunConfig
+from fedsoft.layout import head_arrays, layer_specs
+
+from .lora_fedavg import LoRAFedAvg
+from .messages import RoundPlan
+from .records import ReplyLayout
 
 
 def _factor_pairs(arrays: dict[str, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -45,17 +51,25 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         self.settings = settings
         self.probe_layers = probe_layers
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, node_to_client: dict[int, int] | None = None,
+                    data_sizes: Mapping[int, int] | None = None, **parts: Any
+                    ) -> SparseLoRAFedAvg:
+        """``compression`` section -> :class:`SparseSettings`; the rest as the base class."""
+        return cls(cfg.run.clients_per_round, SparseSettings.from_config(cfg),
+                   **cls.common_kwargs(cfg, node_to_client, data_sizes), **parts)
+
     def round_settings(self, server_round: int, node_id: int) -> SparseSettings:
         """Settings a node uses this round (fixed here; TSFA varies the ratio per round)."""
         return self.settings
 
-    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        cfg = super().node_config(server_round, node_id, config)
-        cfg["sparsity-ratio"] = float(self.round_settings(server_round, node_id).sparsity)
-        return cfg
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        return replace(super().round_plan(server_round, node_id),
+                       sparsity=float(self.round_settings(server_round, node_id).sparsity))
 
     def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
-        """The codec's keys and dtypes (:mod:`fedsoft.codec`), the head in the wire dtype and
+        """The codec's keys and dtypes (:mod:`fedsoft.compression.codec`), the head in the wire
+        dtype and
         its own shape, at most twice the dense reply's bytes (checked before deserialising)."""
         wire = self.round_settings(server_round, node_id).dtype
         one_d = {codec.VALS: {wire}, codec.CNT: {"uint16", "uint32"}, codec.POS_MODE: {"uint8"},

@@ -8,24 +8,28 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
 
-from fedsoft.channel import Channel
-from fedsoft.online import Decision, TSFAController, deadline_latency
-from fedsoft.sparse_update import (
+from fedsoft.compression.update import (
     SparseSettings,
     estimate_payload_bytes,
     head_arrays,
     layer_specs,
 )
-from strategies.sparse_fedavg import SparseLoRAFedAvg
+from fedsoft.config import RunConfig
+from fedsoft.wireless.channel import Channel
+from fedsoft.wireless.controller import Decision, TSFAController, deadline_latency
+
+from .messages import RoundPlan
+from .setup import ServerSetup, SetupResult
+from .sparse_fedavg import SparseLoRAFedAvg
 
 
 class TSFA(SparseLoRAFedAvg):
     """Two-stage wireless federated LoRA (arXiv 2505.00333, Sec. IV) as a Message-API strategy.
 
-    The rank is fixed before round 1 (offline stage, :func:`fedsoft.tsfa_plan.plan`). Each
+    The rank is fixed before round 1 (offline stage, :func:`fedsoft.wireless.plan.plan`). Each
     round the strategy samples K nodes (seeded), draws their Rayleigh CSI from ``channel``,
     lets ``controller`` pick the common sparsification ratio rho_t (P3, eq. 39) and the FDMA
     bandwidth shares (equal finish, eq. 41) on the server's CSI estimate
@@ -59,6 +63,13 @@ class TSFA(SparseLoRAFedAvg):
         self._gains: np.ndarray = np.zeros(0)
         self._est: np.ndarray = np.zeros(0)
         self._slots: dict[int, int] = {}
+
+    @classmethod
+    def setup(cls, cfg: RunConfig, setup: ServerSetup) -> SetupResult:
+        """The offline stage before round 1 (:func:`strategies.planning.setup_tsfa`)."""
+        from .planning import setup_tsfa  # noqa: PLC0415 - planning imports the strategies
+
+        return setup_tsfa(cfg, setup)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "controller": self.controller.state_dict()}
@@ -104,13 +115,13 @@ class TSFA(SparseLoRAFedAvg):
             return self.settings
         return dataclasses.replace(self.settings, sparsity=float(self._decision.rho))
 
-    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        cfg = super().node_config(server_round, node_id, config)
+    def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
+        plan = super().round_plan(server_round, node_id)
         if self._decision is not None and node_id in self._round_nodes:
             i = self._round_nodes.index(node_id)
-            cfg["bandwidth-share"] = float(self._decision.shares[i])
-            cfg["channel-gain"] = float(self._est[i])
-        return cfg
+            plan = dataclasses.replace(plan, bandwidth_share=float(self._decision.shares[i]),
+                                       channel_gain=float(self._est[i]))
+        return plan
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fedsoft import lora
-from fedsoft.calibration import (
+from fedsoft.config import DEFAULTS
+from fedsoft.task.models import build_model, get_spec
+from fedsoft.wireless.calibration import (
     append_scores,
     calibrate_run,
     keep_scores_through,
@@ -17,9 +19,7 @@ from fedsoft.calibration import (
     read_scores,
     write_calibration,
 )
-from fedsoft.config import DEFAULTS
-from fedsoft.models import build_model, get_spec
-from fedsoft.tsfa_plan import bound_constants
+from fedsoft.wireless.plan import bound_constants
 
 
 @pytest.fixture

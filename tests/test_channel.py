@@ -1,4 +1,4 @@
-"""Tests of the wireless channel model (fedsoft.channel, paper A section A.3 / eq. 6)."""
+"""Tests of the wireless channel model (fedsoft.wireless.channel, paper A section A.3 / eq. 6)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsoft.channel import (
+from fedsoft.wireless.channel import (
     Channel,
     ChannelConfig,
     deadline_admission,

@@ -1,4 +1,5 @@
-"""Tests for fedsoft.codec: round trips, position-mode choice, strict validation and fuzzing."""
+"""Tests for fedsoft.compression.codec: round trips, position-mode choice, strict validation and
+fuzzing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fedsoft.codec import (
+from fedsoft.compression.codec import (
     BMP,
     CNT,
     IDX,

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from fedsoft.config import DEFAULTS, ConfigError, resolve, split_message_config, validate
+from fedsoft.config import DEFAULTS, ConfigError, resolve, validate
+from strategies.messages import (
+    PLAN_KEYS,
+    MessageError,
+    RoundPlan,
+    TrainInstruction,
+    train_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +60,22 @@ def test_unknown_key_and_unknown_preset():
 
 
 def test_message_config_round_trip():
-    cfg, extras = split_message_config({**DEFAULTS, "server-round": 3})
-    assert cfg == DEFAULTS and extras == {"server-round": 3}
-    with pytest.raises(ConfigError, match="lacks"):
-        split_message_config({"lr": 0.1})
+    base = resolve({})
+    cfg = base.with_values({"lora-rank": 4, "run-dir": "/tmp/x"})
+    record = train_config(cfg, base)
+    assert {k for k in record if k != "config-digest"} == {"lora-rank", "run-dir"}  # changes only
+    record.update(RoundPlan(server_round=3, client_key=1).to_values())
+    got = TrainInstruction.from_record(record)
+    assert got.config(base) == cfg and got.plan == RoundPlan(3, 1)
+    assert train_config(base, base).keys() == {"config-digest"}
+    with pytest.raises(MessageError, match="lacks"):
+        TrainInstruction.from_record({"lr": 0.1})
+    with pytest.raises(MessageError, match="differs from the server"):  # another conf/ on a node
+        got.config(base.with_values({"lr": 0.5}))
+    with pytest.raises(MessageError, match="sparsity-ratio"):
+        TrainInstruction.from_record({**record, "sparsity-ratio": 1.5})
+    with pytest.raises(MessageError, match="unknown run-config key"):
+        TrainInstruction.from_record({**record, "no-such-key": 1})
 
 
 @pytest.mark.parametrize("strategy", ["tsfa", "osfa"])
@@ -70,8 +89,10 @@ def test_tsfa_with_the_default_sparsifier_runs_soft(strategy):
 def test_per_node_message_keys_do_not_shadow_run_config_keys():
     per_node = ["server-round", "sparsity-ratio", "bandwidth-share", "channel-gain", "sketch-size",
                 "client-key"]
-    cfg, extras = split_message_config({**DEFAULTS, **dict.fromkeys(per_node, 1)})
-    assert set(extras) == set(per_node) and cfg == validate(DEFAULTS)
+    assert PLAN_KEYS == set(per_node) and not PLAN_KEYS & set(DEFAULTS)
+    record = {**train_config(resolve({})), **dict.fromkeys(per_node, 1), "sparsity-ratio": 0.5}
+    got = TrainInstruction.from_record(record)
+    assert got.config(resolve({})) == validate(DEFAULTS)
 
 
 def test_every_key_is_documented():

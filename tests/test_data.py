@@ -1,4 +1,4 @@
-"""Tests for fedsoft.data (loading, standardize, partitioning) and fedsoft.collate."""
+"""Tests for fedsoft.task.data (loading, standardize, partitioning) and fedsoft.task.collate."""
 
 import os
 
@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from fedsoft import data  # noqa: E402
-from fedsoft.collate import IMAGENET_MEAN, IMAGENET_STD, make_collate, make_loader  # noqa: E402
+from fedsoft.task import data  # noqa: E402
+from fedsoft.task import partition as partitioning  # noqa: E402
+from fedsoft.task.collate import IMAGENET_MEAN, IMAGENET_STD, make_collate, make_loader  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -98,9 +99,9 @@ def test_capped_sizes_are_stratified_and_deterministic(yahoo):
     train, test = yahoo
     small, small_test = data.load_splits("yahoo", max_train=503, max_test=100, seed=3)
     assert (len(small), len(small_test)) == (503, 100)
-    full_hist = data.label_histogram(train, 10)
+    full_hist = partitioning.label_histogram(train, 10)
     expected = full_hist * 503 / len(train)
-    assert np.all(np.abs(data.label_histogram(small, 10) - expected) < 1)
+    assert np.all(np.abs(partitioning.label_histogram(small, 10) - expected) < 1)
     texts = set(train["text"][:])
     assert all(t in texts for t in small["text"][:])
     again = data.subsample(train, 503, seed=3)
@@ -179,16 +180,16 @@ def test_hub_loader_fails_clearly_offline(monkeypatch, tmp_path):
 )
 def test_partitions_cover_train_exactly_once(indexed_train, kind, kwargs):
     num_partitions = 6  # 7000 / (2 * 6) is not an integer: the last shard is incomplete
-    parts = [data.partition(indexed_train, kind, num_partitions, i, seed=0, **kwargs)
+    parts = [partitioning.partition(indexed_train, kind, num_partitions, i, seed=0, **kwargs)
              for i in range(num_partitions)]
     ids = np.concatenate([np.asarray(p["idx"][:]) for p in parts])
     assert len(ids) == len(indexed_train)
     assert np.array_equal(np.sort(ids), np.arange(len(indexed_train)))
-    assert data.partition_sizes(indexed_train, kind, num_partitions, seed=0, **kwargs) == [
+    assert partitioning.partition_sizes(indexed_train, kind, num_partitions, seed=0, **kwargs) == [
         len(p) for p in parts
     ]
     # the cached partitioner returns the same split on a repeat call
-    again = data.partition(indexed_train, kind, num_partitions, 1, seed=0, **kwargs)
+    again = partitioning.partition(indexed_train, kind, num_partitions, 1, seed=0, **kwargs)
     assert again["idx"][:] == parts[1]["idx"][:]
 
 
@@ -198,7 +199,7 @@ def test_partitions_cover_train_exactly_once(indexed_train, kind, kwargs):
     n=st.integers(20, 200),
     num_classes=st.integers(2, 6),
     num_partitions=st.integers(1, 6),
-    kind=st.sampled_from(data.PARTITIONERS),
+    kind=st.sampled_from(partitioning.PARTITIONERS),
     seed=st.integers(0, 3),
 )
 def test_partitions_cover_small_synthetic_data(n, num_classes, num_partitions, kind, seed):
@@ -206,7 +207,7 @@ def test_partitions_cover_small_synthetic_data(n, num_classes, num_partitions, k
     ds = Dataset.from_dict({"idx": list(range(n)), "label": labels})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        parts = [data.partition(ds, kind, num_partitions, i, seed=seed, dirichlet_alpha=1.0)
+        parts = [partitioning.partition(ds, kind, num_partitions, i, seed=seed, dirichlet_alpha=1.0)
                  for i in range(num_partitions)]
     ids = np.sort(np.concatenate([np.asarray(p["idx"][:], dtype=np.int64) for p in parts]))
     assert np.array_equal(ids, np.arange(n))
@@ -217,21 +218,22 @@ def test_non_iid_partitioners_skew_labels(indexed_train):
     tv = {}
     for kind, kwargs in [("iid", {}), ("dirichlet", {"dirichlet_alpha": 0.1}),
                          ("shard", {"shards_per_client": 2})]:
-        parts = [data.partition(indexed_train, kind, k, i, seed=1, **kwargs) for i in range(k)]
+        parts = [partitioning.partition(indexed_train, kind, k, i, seed=1, **kwargs)
+                 for i in range(k)]
         tv[kind] = _mean_tv(parts, 10)
     assert tv["dirichlet"] > tv["iid"]
     assert tv["shard"] > tv["iid"]
     # two shards per client hold at most ~2-3 of the 10 labels each
-    shard_parts = [data.partition(indexed_train, "shard", k, i, seed=1, shards_per_client=2)
+    shard_parts = [partitioning.partition(indexed_train, "shard", k, i, seed=1, shards_per_client=2)
                    for i in range(k)]
     assert max(len(set(p["label"][:])) for p in shard_parts) <= 4
 
 
 def test_label_histogram_matches_bincount(yahoo):
     train, _ = yahoo
-    hist = data.label_histogram(train, 10)
+    hist = partitioning.label_histogram(train, 10)
     assert np.array_equal(hist, np.bincount(np.asarray(train["label"][:]), minlength=10))
-    assert data.label_histogram([0, 2, 2], 4).tolist() == [1, 0, 2, 0]
+    assert partitioning.label_histogram([0, 2, 2], 4).tolist() == [1, 0, 2, 0]
 
 
 # ----------------------------------------------------------------------------- bad values
@@ -240,22 +242,25 @@ def test_label_histogram_matches_bincount(yahoo):
 def test_bad_values_name_the_field(indexed_train):
     ds = indexed_train
     cases = [
-        (lambda: data.partition(ds, "pathological", 4, 0), "iid, dirichlet, shard"),
-        (lambda: data.partition(ds, "dirichlet", 4, 0, dirichlet_alpha=0.0), "dirichlet_alpha"),
-        (lambda: data.partition(ds, "dirichlet", 4, 0, dirichlet_alpha=-1.0), "dirichlet_alpha"),
-        (lambda: data.partition(ds, "dirichlet", 4, 0, dirichlet_alpha=math.nan),
+        (lambda: partitioning.partition(ds, "pathological", 4, 0), "iid, dirichlet, shard"),
+        (lambda: partitioning.partition(ds, "dirichlet", 4, 0, dirichlet_alpha=0.0),
          "dirichlet_alpha"),
-        (lambda: data.partition(ds, "shard", 4, 0, shards_per_client=0), "shards_per_client"),
-        (lambda: data.partition(ds, "iid", 4, 4), "partition_id"),
-        (lambda: data.partition(ds, "iid", 4, -1), "partition_id"),
-        (lambda: data.partition(ds, "iid", 0, 0), "num_partitions"),
-        (lambda: data.partition(ds, "iid", len(ds) + 1, 0), "num_partitions"),
-        (lambda: data.partition(ds, "dirichlet", 4, 0, min_partition_size=len(ds)),
+        (lambda: partitioning.partition(ds, "dirichlet", 4, 0, dirichlet_alpha=-1.0),
+         "dirichlet_alpha"),
+        (lambda: partitioning.partition(ds, "dirichlet", 4, 0, dirichlet_alpha=math.nan),
+         "dirichlet_alpha"),
+        (lambda: partitioning.partition(ds, "shard", 4, 0, shards_per_client=0),
+         "shards_per_client"),
+        (lambda: partitioning.partition(ds, "iid", 4, 4), "partition_id"),
+        (lambda: partitioning.partition(ds, "iid", 4, -1), "partition_id"),
+        (lambda: partitioning.partition(ds, "iid", 0, 0), "num_partitions"),
+        (lambda: partitioning.partition(ds, "iid", len(ds) + 1, 0), "num_partitions"),
+        (lambda: partitioning.partition(ds, "dirichlet", 4, 0, min_partition_size=len(ds)),
          "min_partition_size"),
         (lambda: data.load_splits("mnist"), "yahoo"),
         (lambda: data.load_splits("yahoo", max_train=0), "max_train"),
         (lambda: data.load_splits("yahoo", max_test=-5), "max_test"),
-        (lambda: data.label_histogram([0, 5], 3), "num_classes"),
+        (lambda: partitioning.label_histogram([0, 5], 3), "num_classes"),
         (lambda: make_collate("audio"), "modality"),
         (lambda: make_collate("text"), "tokenizer"),
         (lambda: make_collate("image", image_size=0), "image_size"),

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from fedsoft import pilot, tsfa_plan
-from fedsoft.calibration import calibrate_run, load_calibration, read_scores
 from fedsoft.config import resolve
-from fedsoft.launch import ROOT, flwr_run
+from fedsoft.experiments.launch import ROOT, flwr_run
 from fedsoft.runlog import read_metrics
+from fedsoft.wireless import pilot
+from fedsoft.wireless import plan as tsfa_plan
+from fedsoft.wireless.calibration import calibrate_run, load_calibration, read_scores
 
 
 @pytest.mark.slow

@@ -7,12 +7,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fedsoft import workload
 from fedsoft.config import resolve
-from fedsoft.launch import ROOT, flwr_run
-from fedsoft.models import get_spec, resolve_source
+from fedsoft.experiments.launch import ROOT, flwr_run
 from fedsoft.runlog import read_metrics
-from fedsoft.train import evaluate
+from fedsoft.task import workload
+from fedsoft.task.models import get_spec, resolve_source
+from fedsoft.task.train import evaluate
 
 CONTRACT_KEYS = {"round", "accuracy", "loss", "num_clients", "uplink_bytes", "wall_s"}
 

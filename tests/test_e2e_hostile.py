@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsoft.attacks import CLASSES
-from fedsoft.launch import flwr_run
+from fedsoft.experiments.launch import flwr_run
 from fedsoft.runlog import read_metrics
 
 ROUNDS = len(CLASSES)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from fedsoft.calibration import SCORES_FILE
-from fedsoft.launch import flwr_run
+from fedsoft.experiments.launch import flwr_run
 from fedsoft.runlog import read_metrics
+from fedsoft.wireless.calibration import SCORES_FILE
 
 BASE = ('preset="ci" local-steps=2 max-test-examples=100 sparsifier="soft" sparsity=0.5 '
         'zeta=0.01')

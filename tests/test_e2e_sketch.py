@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedsoft.launch import flwr_run
+from fedsoft.experiments.launch import flwr_run
 from fedsoft.runlog import read_metrics
 
 

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from fedsoft import lora, workload
+from fedsoft import lora
 from fedsoft.config import resolve
-from fedsoft.launch import ROOT, flwr_run
+from fedsoft.experiments.launch import ROOT, flwr_run
 from fedsoft.runlog import read_metrics
+from fedsoft.task import workload
 
 SPARSE_KEYS = {"dense_uplink_bytes", "sparsity", "orth_offdiag", "cov_fro", "svd_proxy_rel_err"}
 TSFA_KEYS = {"rank", "queue", "latency_s", "latency_avg_s", "bandwidth_shares"}

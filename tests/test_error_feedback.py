@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedsoft.error_feedback import SIGNATURE_KEY, ErrorFeedback, ErrorFeedbackError
-from fedsoft.sparsifiers import SPARSIFIERS, keep_count
+from fedsoft.compression.error_feedback import SIGNATURE_KEY, ErrorFeedback, ErrorFeedbackError
+from fedsoft.compression.sparsifiers import SPARSIFIERS, keep_count
 
 
 def _x(t: int, shape: tuple[int, int] = (4, 20), seed: int = 0) -> torch.Tensor:

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from fedsoft import experiments as ex
-from fedsoft import plots
-from fedsoft.launch import ROOT
+from fedsoft.experiments import plots
+from fedsoft.experiments import runner as ex
+from fedsoft.experiments.launch import ROOT
 from fedsoft.runlog import read_metrics
 
 CONTRACT_KEYS = {"round", "accuracy", "loss", "num_clients", "uplink_bytes", "wall_s"}
@@ -72,7 +72,7 @@ def test_scales_follow_the_brief():
 def test_issue14_figures_expand_without_running_flower():
     # fig3c-long / figB-het are not in FLWR_FIGURES (their ci runs would add minutes: TSFA's
     # pilot, the sketch pilot); this checks their designs only
-    from fedsoft.wallclock import compute_speeds
+    from fedsoft.sketching.wallclock import compute_speeds
 
     long = ex.expand("fig3c-long", "cpu", seeds=3)
     assert sorted({s.name for s in long}) == ["osfa-r1", "osfa-r2", "osfa-r32", "osfa-r8", "tsfa"]
@@ -274,7 +274,8 @@ def test_fig2_timing_series_and_fig4_gram_series(tmp_path):
 def test_plots_cli_redraws_from_jsonl(tmp_path):
     exp = _write_exp(tmp_path, "fig7", [("soft-s0", "soft", "r = 4", 0, _rows([0.1, 0.2])),
                                        ("dense-s0", "dense", "r = 4", 0, _rows([0.1, 0.3]))])
-    proc = subprocess.run([sys.executable, "-m", "fedsoft.plots", str(exp), "--markdown"],
+    proc = subprocess.run([sys.executable, "-m", "fedsoft.experiments.plots", str(exp),
+                           "--markdown"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (exp / "fig7.png").stat().st_size > 0
@@ -453,7 +454,7 @@ def test_only_patterns_select_by_run_name():
 
 
 def test_launch_without_the_flwr_cli_names_the_missing_path(tmp_path, monkeypatch):
-    from fedsoft import launch
+    from fedsoft.experiments import launch
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     with pytest.raises(FileNotFoundError, match="flwr CLI not found"):
         launch.flwr_run(tmp_path / "home", 'seed=0', timeout=5)

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsoft import checkpoint, durable, sketch_plan, tsfa_plan
+from fedsoft import checkpoint, durable
 from fedsoft.checkpoint import CheckpointError
-from fedsoft.client_state import load_ef, save_ef
+from fedsoft.compression.client_state import load_ef, save_ef
 from fedsoft.config import DEFAULTS, ConfigError, preset_names, resolve, validate
-from fedsoft.wallclock import compute_speeds
+from fedsoft.sketching import plan as sketch_plan
+from fedsoft.sketching.wallclock import compute_speeds
+from fedsoft.wireless import plan as tsfa_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -29,7 +31,7 @@ def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _state(**extra) -> dict:
-    return {"config": resolve({}), "strategy": {"rng": [1, 2]}, "metrics": [{"round": 1}],
+    return {"config": resolve({}).flat(), "strategy": {"rng": [1, 2]}, "metrics": [{"round": 1}],
             **extra}
 
 
@@ -474,7 +476,7 @@ def _library_error(fn, *args, **kwargs) -> Exception:
 
 
 @pytest.mark.parametrize("make, key", [
-    (lambda: _library_error(__import__("fedsoft.online", fromlist=["x"]).VirtualQueue,
+    (lambda: _library_error(__import__("fedsoft.wireless.controller", fromlist=["x"]).VirtualQueue,
                             math.inf), "latency-budget"),
     (lambda: ValueError("V must be >= 0, got -1"), "lyapunov-v"),
     (lambda: ValueError("rho_min must lie in [0, 1), got 2"), "sparsity-min"),
@@ -549,10 +551,10 @@ def test_a_real_error_memory_with_its_signature_round_trips(tmp_path):
     """What clients actually save: ErrorFeedback.to_arrays(), uint8 signature included."""
     import torch
 
-    from fedsoft.error_feedback import ErrorFeedback
+    from fedsoft.compression.error_feedback import ErrorFeedback
 
     ef = ErrorFeedback(signature="minilm|r=8|soft|update")
-    from fedsoft.sparsifiers.base import SparseRows
+    from fedsoft.compression.sparsifiers.base import SparseRows
 
     ef.step("l0", torch.ones(2, 6),
             lambda u: SparseRows(u * 0, torch.zeros_like(u, dtype=torch.bool)))

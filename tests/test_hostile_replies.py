@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsoft.attacks import CLASSES, hostile_reply
-from fedsoft.channel import Channel, ChannelConfig
+from fedsoft.compression.error_feedback import ErrorFeedback
+from fedsoft.compression.update import SparseSettings, encode_update
 from fedsoft.config import DEFAULTS
-from fedsoft.error_feedback import ErrorFeedback
-from fedsoft.sketch import layer_indices, sketch_reply
-from fedsoft.sketch_opt import SamplingPlan
-from fedsoft.sparse_update import SparseSettings, encode_update
-from fedsoft.wallclock import SystemModel, compute_speeds
+from fedsoft.sketching.optimizer import SamplingPlan
+from fedsoft.sketching.sketch import layer_indices, sketch_reply
+from fedsoft.sketching.wallclock import SystemModel, compute_speeds
+from fedsoft.wireless.channel import Channel, ChannelConfig
 from strategies import LoRAFedAvg, SketchFedAvg, SparseLoRAFedAvg
 from strategies.discovery import discover
 from strategies.records import RecordError, ReplyLayout, checked_numpy, to_numpy, to_record
@@ -370,7 +370,7 @@ def test_replies_from_nodes_not_messaged_or_twice_are_dropped():
 
 
 def test_a_tied_partition_count_is_not_trusted_and_absurd_counts_give_no_sizes():
-    from fedsoft import workload
+    from fedsoft.task import workload
 
     answers = {1: {"partition-id": 0, "num-partitions": 1_000_000},
                2: {"partition-id": 0, "num-partitions": 2}}

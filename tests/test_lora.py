@@ -6,7 +6,7 @@ import torch
 
 from fedsoft import lora
 from fedsoft.aggregate import ReplyError
-from fedsoft.models import build_model, get_spec
+from fedsoft.task.models import build_model, get_spec
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from fedsoft.covariance import cov_fro, cov_matrix
-from fedsoft.orthogonality import orth_offdiag, orth_penalty
-from fedsoft.sparsifiers import to_rows
-from fedsoft.spectrum import (
+from fedsoft.compression.covariance import cov_fro, cov_matrix
+from fedsoft.compression.orthogonality import orth_offdiag, orth_penalty
+from fedsoft.compression.sparsifiers import to_rows
+from fedsoft.compression.spectrum import (
     kept_energy_ratio,
     kept_product_rel_err,
     soft_scores,

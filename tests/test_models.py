@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedsoft import lora
-from fedsoft.models import MODELS, build_model, get_spec
+from fedsoft.task.models import MODELS, build_model, get_spec
 
 HUB_ARCH = {"distilbert-base-uncased": "distilbert", "vit-base-patch16-224-in21k": "vit"}
 

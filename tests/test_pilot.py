@@ -7,10 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsoft import lora, pilot, tsfa_plan, workload
-from fedsoft.bound import sparsification_term
-from fedsoft.calibration import append_scores, calibrate_run, load_calibration, write_calibration
+from fedsoft import lora
 from fedsoft.config import DEFAULTS, ConfigError, resolve
+from fedsoft.task import workload
+from fedsoft.wireless import pilot
+from fedsoft.wireless import plan as tsfa_plan
+from fedsoft.wireless.bound import sparsification_term
+from fedsoft.wireless.calibration import (
+    append_scores,
+    calibrate_run,
+    load_calibration,
+    write_calibration,
+)
 from strategies import pilot as server_pilot
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -95,7 +103,7 @@ def test_ensure_calibration_runs_the_pilot_once_reuses_it_and_never_on_resume(
         tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_pilot(grid, cfg, node_ids):  # what run_pilot returns, from a log it would write
+    def fake_pilot(grid, cfg, node_ids, base=None):  # what run_pilot returns, from its log
         calls.append(dict(cfg))
         return calibrate_run(write_pilot_log(cfg["run-dir"], seed=len(calls)))
 

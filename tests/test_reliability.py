@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 
 from fedsoft import checkpoint
 from fedsoft.aggregate import ReplyError
-from fedsoft.client_state import load_ef, save_ef, simulated_failure
-from fedsoft.codec import CodecError
+from fedsoft.compression.client_state import load_ef, save_ef, simulated_failure
+from fedsoft.compression.codec import CodecError
+from fedsoft.compression.error_feedback import ErrorFeedback
+from fedsoft.compression.update import SparseSettings, decode_update, encode_update
 from fedsoft.config import DEFAULTS, ConfigError, resolve
-from fedsoft.error_feedback import ErrorFeedback
-from fedsoft.sparse_update import SparseSettings, decode_update, encode_update
 
 
 def _arrays(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -190,4 +190,4 @@ def test_every_class_of_bad_value_names_the_key_and_value(override, key):
 
 def test_resolved_config_is_json_serialisable_for_checkpoints():
     cfg = resolve({"strategy": "tsfa"})
-    assert json.loads(json.dumps(cfg)) == cfg
+    assert json.loads(json.dumps(cfg.flat())) == cfg

@@ -7,11 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsoft import lora
-from fedsoft.channel import Channel, ChannelConfig
 from fedsoft.config import DEFAULTS, ConfigError, resolve
-from fedsoft.models import build_model, get_spec
-from fedsoft.sampling import sample_independent, unbiased_update
-from fedsoft.sketch import (
+from fedsoft.sketching.independent_sampling import sample_independent, unbiased_update
+from fedsoft.sketching.optimizer import SketchObjective, optimize_sampling, uniform_plan
+from fedsoft.sketching.sketch import (
     SketchError,
     expand_reply,
     layer_indices,
@@ -19,9 +18,10 @@ from fedsoft.sketch import (
     sketch_reply,
     sketched_training,
 )
-from fedsoft.sketch_opt import SketchObjective, optimize_sampling, uniform_plan
-from fedsoft.train import train_local
-from fedsoft.wallclock import SystemModel, compute_speeds, round_time
+from fedsoft.sketching.wallclock import SystemModel, compute_speeds, round_time
+from fedsoft.task.models import build_model, get_spec
+from fedsoft.task.train import train_local
+from fedsoft.wireless.channel import Channel, ChannelConfig
 
 
 def _arrays(seed=0, layers=2, r=4, d=6, k=5):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsoft.config import DEFAULTS, ConfigError, resolve
-from fedsoft.sketch_calibration import (
+from fedsoft.sketching.calibration import (
     PilotRun,
     design_row,
     fit_constants,
@@ -16,8 +16,8 @@ from fedsoft.sketch_calibration import (
     rounds_to_target,
     write_sketch_calibration,
 )
-from fedsoft.sketch_opt import SketchObjective
-from fedsoft.sketch_plan import objective
+from fedsoft.sketching.optimizer import SketchObjective
+from fedsoft.sketching.plan import objective
 
 RANK = 8
 A = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
@@ -138,3 +138,23 @@ def test_sketch_calibration_keys_and_bad_files_name_the_key(tmp_path):
         resolve({**DEFAULTS, "sketch-pilot-rounds": 1})
     with pytest.raises(ConfigError, match="sketch-pilot-target"):
         resolve({**DEFAULTS, "sketch-pilot-target": 0.0})
+
+
+def test_a_calibration_with_no_fit_survives_a_json_writer_that_turns_nan_into_null(tmp_path):
+    import json
+    import math
+
+    from fedsoft.sketching.calibration import (
+        SketchCalibration,
+        calibration_json,
+        load_sketch_calibration,
+        write_sketch_calibration,
+    )
+
+    cal = load_sketch_calibration(write_sketch_calibration(
+        tmp_path / "a.json", SketchCalibration(1.0, 1.0, 0.5, [], ["alpha0", "alpha1", "xi"])))
+    assert math.isnan(cal.rel_rms_residual)  # nothing fitted: NaN, kept by its own writer
+    raw = calibration_json(cal)
+    raw["rel_rms_residual"] = None  # what a strict JSON writer makes of NaN
+    (tmp_path / "b.json").write_text(json.dumps(raw))
+    assert math.isnan(load_sketch_calibration(tmp_path / "b.json").rel_rms_residual)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedsoft import codec
 from fedsoft.aggregate import weighted_average
-from fedsoft.error_feedback import ErrorFeedback
-from fedsoft.sparse_update import SparseSettings, decode_update, encode_update, layer_specs
-from fedsoft.sparsifiers import SPARSIFIERS, keep_count
+from fedsoft.compression import codec
+from fedsoft.compression.error_feedback import ErrorFeedback
+from fedsoft.compression.sparsifiers import SPARSIFIERS, keep_count
+from fedsoft.compression.update import SparseSettings, decode_update, encode_update
+from fedsoft.layout import layer_specs
 
 SPARSE = sorted(n for n in SPARSIFIERS if n != "dense")
 
@@ -101,9 +102,9 @@ def test_payload_estimate_matches_the_encoded_record(shape):
     (8 x 768+768, head 768x100)."""
     from flwr.app import Array, ArrayRecord
 
-    from fedsoft.codec import LayerSpec, encode
-    from fedsoft.sparse_update import estimate_payload_bytes
-    from fedsoft.sparsifiers import keep_count
+    from fedsoft.compression.codec import LayerSpec, encode
+    from fedsoft.compression.sparsifiers import keep_count
+    from fedsoft.compression.update import estimate_payload_bytes
 
     n, dim, heads = (12, 384, [3840, 10]) if shape == "minilm" else (8, 768, [76800, 100])
     specs = [LayerSpec(f"encoder.layer.{i}.attention.self.query", 8, dim, dim) for i in range(n)]

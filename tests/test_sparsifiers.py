@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedsoft.sparsifiers import (
+from fedsoft.compression.sparsifiers import (
     SPARSIFIERS,
     SeededSparsifier,
     SoftSparsifier,
@@ -21,8 +21,8 @@ from fedsoft.sparsifiers import (
     rank_scores,
     to_rows,
 )
-from fedsoft.sparsifiers.base import rowwise_topk_mask
-from fedsoft.sparsifiers.soft import split_counts
+from fedsoft.compression.sparsifiers.base import rowwise_topk_mask
+from fedsoft.compression.sparsifiers.soft import split_counts
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -6,10 +6,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedsoft.aggregate import weighted_average
+from fedsoft.compression.error_feedback import ErrorFeedback
+from fedsoft.compression.update import SparseSettings, decode_update, encode_update
 from fedsoft.config import DEFAULTS
-from fedsoft.error_feedback import ErrorFeedback
-from fedsoft.sparse_update import SparseSettings, decode_update, encode_update
-from fedsoft.tsfa_plan import plan
+from fedsoft.wireless.plan import plan
 from strategies import TSFA, LoRAFedAvg, SparseLoRAFedAvg
 from strategies.records import to_numpy, to_record
 
@@ -114,7 +114,7 @@ def test_no_valid_reply_leaves_global_unchanged():
 
 
 def _tsfa(strategy="tsfa", **over):
-    cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft", clients_per_round=3)
+    cfg = dict(DEFAULTS, strategy=strategy, sparsifier="soft")
     cfg.update({"tsfa-deadline": "off", **over})
     cfg["clients-per-round"] = 3
     cfg["payload-model"] = "values"  # fake 2-layer arrays: the values-only payload of eq. (6)
@@ -236,3 +236,38 @@ def test_start_resumes_with_the_original_round_numbers():
             first_round=4, evaluate_fn=lambda r, a: seen.append(("eval", r)))
     assert seen == [4, ("eval", 4), 5, ("eval", 5)]
     assert "configure_train" in s.__dict__  # the instance override set by this test survives
+
+
+def test_every_strategy_name_of_the_config_has_a_class_in_the_registry():
+    from fedsoft.config import STRATEGIES as NAMES
+    from strategies.factory import STRATEGIES, strategy_class
+
+    assert set(NAMES) == set(STRATEGIES)
+    from fedsoft.config import resolve
+
+    assert strategy_class(resolve({"sparsifier": "soft", "sparsity": 0.5})).__name__ == \
+        "SparseLoRAFedAvg"
+    assert strategy_class(resolve({"strategy": "osfa"})).__name__ == "TSFA"
+
+
+def test_round_records_never_raise_whatever_a_statistic_holds():
+    s = LoRAFedAvg(2)
+    s.round_stats[1] = {"x": None, "n": np.int64(3), "mixed": [1, 2.5], "d": {"a": 1},
+                        "reasons": ["a"], "empty": [], "nested": [[1]], "sampled": [7]}
+    numbers, text = s.round_records(1)
+    assert dict(numbers) == {"num_clients": 0, "uplink_bytes": 0, "n": 3,
+                             "mixed": [1.0, 2.5], "empty": []}
+    assert dict(text) == {"x": "null", "d": '{"a": 1}', "reasons": ["a"], "nested": "[[1]]"}
+    assert 1 not in s.round_stats  # handed out once
+
+
+def test_override_that_only_prints_differently_is_sent_so_digests_agree():
+    from fedsoft.config import resolve
+    from strategies.messages import RoundPlan, TrainInstruction, train_config
+
+    base = resolve({})
+    cfg = base.with_values({"zeta": -0.0})
+    record = train_config(cfg, base)
+    assert "zeta" in record
+    record.update(RoundPlan(1, 0).to_values())
+    assert TrainInstruction.from_record(record).config(base) == cfg

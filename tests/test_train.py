@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fedsoft import lora
-from fedsoft.models import build_model, get_spec
-from fedsoft.orthogonality import orth_offdiag
-from fedsoft.train import train_local
+from fedsoft.compression.orthogonality import orth_offdiag
+from fedsoft.task.models import build_model, get_spec
+from fedsoft.task.train import train_local
 
 
 def _batches(n: int, seed: int = 0):

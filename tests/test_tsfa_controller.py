@@ -10,17 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsoft.bound import BoundConstants, sparsification_term
-from fedsoft.channel import Channel, ChannelConfig, fdma_delays, spectral_efficiency
-from fedsoft.offline import (
-    InfeasibleLatencyError,
-    calibrate,
-    choose_rank,
-    choose_rank_for_channel,
-    nominal_inv_gamma_sum,
-    rho_star,
-)
-from fedsoft.online import (
+from fedsoft.wireless.bound import BoundConstants, sparsification_term
+from fedsoft.wireless.channel import Channel, ChannelConfig, fdma_delays, spectral_efficiency
+from fedsoft.wireless.controller import (
     OSFAController,
     TSFAController,
     VirtualQueue,
@@ -30,6 +22,14 @@ from fedsoft.online import (
     solve_p3_bisection,
     solve_p3_closed_form,
     solve_p3_cvxpy,
+)
+from fedsoft.wireless.offline_rank import (
+    InfeasibleLatencyError,
+    calibrate,
+    choose_rank,
+    choose_rank_for_channel,
+    nominal_inv_gamma_sum,
+    rho_star,
 )
 
 DK = 12_288  # sum of d + k over 8 adapted 768x768 matrices
@@ -416,9 +416,9 @@ def test_budget_start_rule_replaces_dense_empty_queue_rounds(
 def test_p3_for_the_wire_payload_matches_a_fine_grid() -> None:
     """P3 with a nonlinear payload (bitmap -> index positions, constant head) is solved to the
     accuracy of a 20001-point grid; with the values-only payload it is the bisection's rho."""
-    from fedsoft.codec import LayerSpec
-    from fedsoft.online import solve_p3_payload
-    from fedsoft.sparse_update import estimate_payload_bytes
+    from fedsoft.compression.update import estimate_payload_bytes
+    from fedsoft.layout import LayerSpec
+    from fedsoft.wireless.controller import solve_p3_payload
 
     specs = [LayerSpec(f"l{i}", 8, 384, 384) for i in range(12)]
 
@@ -546,8 +546,8 @@ def _plan(shape, n: int, **over: object):
     import warnings as _w
     from pathlib import Path
 
-    from fedsoft import tsfa_plan
     from fedsoft.config import resolve
+    from fedsoft.wireless import plan as tsfa_plan
 
     cfg = resolve(over, Path(__file__).resolve().parents[1] / "conf")
     dims, heads = shape
@@ -567,7 +567,7 @@ def test_every_preset_is_feasible_by_default(preset, shape, n, strategy) -> None
     assert p.T_bar == pytest.approx(float(cfg["latency-budget-fraction"]) * p.dense_nominal_s)
     assert p.payload_model == "wire" and p.controller.payload_bits is not None
     # the empty-queue ratio meets the budget on the nominal channel, and only just
-    from fedsoft.offline import nominal_seconds_per_bit
+    from fedsoft.wireless.offline_rank import nominal_seconds_per_bit
     _, per_bit = nominal_seconds_per_bit(p.channel, min(int(cfg["clients-per-round"]), n))
     assert p.controller.bits(p.start_rho) * per_bit <= p.T_bar * (1 + 1e-9)
     if p.start_rho > p.controller.rho_min:
@@ -632,7 +632,7 @@ def test_values_payload_model_reproduces_eq29() -> None:
 def _outage_setup(factor: float | None, **kw: object) -> tuple[TSFAController, Channel]:
     """Controller on the default log-distance channel, T_bar = half the nominal dense round of
     the first K clients (values-only payload), deadline factor ``factor``."""
-    from fedsoft.channel import equal_finish
+    from fedsoft.wireless.channel import equal_finish
 
     cfg = ChannelConfig()
     ch = Channel(cfg, seed=0)
@@ -645,7 +645,7 @@ def _outage_setup(factor: float | None, **kw: object) -> tuple[TSFAController, C
 
 
 def test_outage_drops_a_deep_fade_and_the_round_meets_the_deadline() -> None:
-    from fedsoft.online import deadline_latency
+    from fedsoft.wireless.controller import deadline_latency
 
     gains = Channel(ChannelConfig(), seed=0).mean_gains()[:K].copy()
     gains[2] *= 1e-4  # a -40 dB fade
@@ -703,7 +703,7 @@ def test_outage_off_is_paper_a_bit_for_bit() -> None:
 
 
 def test_deadline_latency_caps_late_uploads_at_the_deadline() -> None:
-    from fedsoft.online import deadline_latency
+    from fedsoft.wireless.controller import deadline_latency
 
     lat, late = deadline_latency([1.0, 2.0, 5.0], 3.0)  # imperfect CSI: one client misses D
     assert lat == 3.0 and late.tolist() == [False, False, True]

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedsoft.launch import flwr_env, free_port  # noqa: E402
+from fedsoft.experiments.launch import flwr_env, free_port  # noqa: E402
 
 CONNECTION = "local-tls"
 DEFAULT_WORKDIR = ROOT / ".flwr-home" / "deploy-local"

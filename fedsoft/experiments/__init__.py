@@ -1,0 +1,1 @@
+"""Run tooling (checkout only): the paper-figure runner, plots and the multi-process launcher."""

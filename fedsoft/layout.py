@@ -1,0 +1,73 @@
+"""LoRA array layout: the names of a factor dict (``<layer>.lora_A`` r x k, ``<layer>.lora_B``
+d x r, ``head.*``), per-layer shapes (eq. 1 of arXiv 2505.00333) and per-layer seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["A_SUFFIX", "B_SUFFIX", "HEAD_PREFIX", "LayerSpec", "head_arrays", "layer_seed",
+           "layer_specs"]
+
+A_SUFFIX = ".lora_A"
+B_SUFFIX = ".lora_B"
+HEAD_PREFIX = "head."
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One LoRA layer: ``B`` is ``d x r`` and ``A`` is ``r x k``, rank rows have length ``d + k``.
+
+    The per-layer payload of eq. (6) (arXiv 2505.00333) is ``(1 - rho) r (d + k) q`` bits.
+    """
+
+    name: str
+    r: int
+    d: int
+    k: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"LayerSpec.name must be a str, got {self.name!r}")
+        for field in ("r", "d", "k"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(f"LayerSpec.{field} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"LayerSpec.{field} must be positive, got {value!r}")
+            object.__setattr__(self, field, int(value))
+
+    @property
+    def row_len(self) -> int:
+        """Length ``d + k`` of one rank row ``[b_j ; a_j]``."""
+        return self.d + self.k
+
+    @property
+    def size(self) -> int:
+        """Number of entries ``r (d + k)`` of the rank-rows matrix."""
+        return self.r * (self.d + self.k)
+
+
+
+def layer_specs(arrays: Mapping[str, np.ndarray]) -> list[LayerSpec]:
+    """LoRA layer specs in array order from ``<layer>.lora_A`` (r x k) / ``.lora_B`` (d x r)."""
+    specs = []
+    for key, a in arrays.items():
+        if key.endswith(A_SUFFIX):
+            name = key[: -len(A_SUFFIX)]
+            b = arrays[name + B_SUFFIX]
+            specs.append(LayerSpec(name, int(a.shape[0]), int(b.shape[0]), int(a.shape[1])))
+    return specs
+
+
+def head_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The densely federated head parameters (names without the ``head.`` prefix)."""
+    return {k[len(HEAD_PREFIX):]: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
+
+
+def layer_seed(seed: int, server_round: int, node_id: int, layer: int) -> int:
+    """Shared seed of one (run, round, node, layer) for seeded positions (rlora, fedlodrop)."""
+    words = [seed, server_round, node_id & 0xFFFFFFFF, (node_id >> 32) & 0xFFFFFFFF, layer]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)

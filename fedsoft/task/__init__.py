@@ -1,0 +1,1 @@
+"""The learning task: pretrained models with LoRA, datasets, partitions, collation, training."""

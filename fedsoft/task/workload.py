@@ -1,0 +1,138 @@
+"""One node's workload from a resolved run config: the LoRA model and its data loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Any
+
+import torch
+
+from fedsoft.config import ConfigLike, RunConfig, parse_int_list, parse_list
+from fedsoft.logs import log
+from fedsoft.task import data
+from fedsoft.task import partition as partitioning
+from fedsoft.task.collate import make_collate, make_loader
+from fedsoft.task.models import ModelSpec, build_model, get_spec, load_preprocessor
+
+
+@dataclass
+class Workload:
+    """A LoRA-wrapped model plus the collate function that feeds it."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    collate: Any
+    num_classes: int
+
+
+_MODEL_KEYS = ("model", "dataset", "lora-rank", "lora-alpha", "lora-target-modules",
+               "lora-layers", "seed", "max-length", "image-size")
+_CACHE: dict[tuple, Workload] = {}
+
+
+def build_workload(cfg: ConfigLike) -> Workload:
+    """Build (once per process) the model and collate function named by the run config.
+
+    The model is cached: callers overwrite its LoRA factors and head every round, so one
+    instance per Ray actor / SuperNode process is enough.
+    """
+    cfg = RunConfig.coerce(cfg)
+    key = tuple(cfg[k] for k in _MODEL_KEYS)
+    if key in _CACHE:
+        return _CACHE[key]
+    spec = get_spec(cfg.training.model)
+    dspec = data.get_dataset_spec(cfg.training.dataset)
+    if dspec.modality != spec.modality:
+        raise ValueError(
+            f"dataset = {cfg.training.dataset!r} is {dspec.modality} data but model = "
+            f"{cfg.training.model!r} takes {spec.modality} input"
+        )
+    model = build_model(
+        spec,
+        dspec.num_classes,
+        cfg.training.lora_rank,
+        cfg.training.lora_alpha,
+        target_modules=parse_list(cfg.training.lora_target_modules) or None,
+        layers=parse_int_list(cfg.training.lora_layers) or None,
+        seed=cfg.run.seed,
+    )
+    pre = load_preprocessor(spec)
+    if spec.modality == "text":
+        collate = make_collate("text", tokenizer=pre, max_length=cfg.training.max_length)
+    else:
+        collate = make_collate(
+            "image", image_size=cfg.training.image_size,
+            image_mean=tuple(pre.image_mean), image_std=tuple(pre.image_std),
+        )
+    work = Workload(spec, model, collate, dspec.num_classes)
+    _CACHE.clear()
+    _CACHE[key] = work
+    return work
+
+
+def clear_cache() -> None:
+    """Forget the cached model, so the next :func:`build_workload` builds a fresh one from the
+    seed (e.g. after the calibration pilot trained the cached instance)."""
+    _CACHE.clear()
+
+
+def splits(cfg: ConfigLike):
+    """Train and held-out test splits (capped as configured)."""
+    cfg = RunConfig.coerce(cfg)
+    return data.load_splits(
+        cfg.training.dataset,
+        max_train=cfg.training.max_train_examples or None,
+        max_test=cfg.training.max_test_examples or None,
+        seed=cfg.run.seed,
+    )
+
+
+def train_loader(cfg: ConfigLike, work: Workload, partition_id: int, num_partitions: int,
+                 round_seed: int = 0):
+    """Loader over this node's partition (flwr-datasets partitioner), shuffled per round."""
+    cfg = RunConfig.coerce(cfg)
+    train, _ = splits(cfg)
+    part = partitioning.partition(
+        train,
+        cfg.partitioning.partitioner,
+        num_partitions,
+        partition_id,
+        seed=cfg.run.seed,
+        dirichlet_alpha=cfg.partitioning.dirichlet_alpha,
+        shards_per_client=cfg.partitioning.shards_per_client,
+    )
+    return make_loader(part, work.collate, cfg.training.batch_size, shuffle=True,
+                       seed=cfg.run.seed * 100_003 + round_seed), len(part)
+
+
+def test_loader(cfg: ConfigLike, work: Workload):
+    """Loader over the held-out test split, for server-side evaluation."""
+    cfg = RunConfig.coerce(cfg)
+    _, test = splits(cfg)
+    return make_loader(test, work.collate, cfg.training.eval_batch_size, shuffle=False, seed=0)
+
+
+def server_partition_sizes(cfg: ConfigLike, num_partitions: int | None) -> dict[int, int]:
+    """Examples per partition as the clients' partitioner makes them: the server-known weights
+    of eq. (5). Empty (weights then come from the replies, capped) when the nodes did not agree
+    on a partition count or the split cannot be made (e.g. more partitions than examples),
+    with a logged warning: a partition count is what the nodes said, so it may be hostile."""
+    cfg = RunConfig.coerce(cfg)
+    if not num_partitions:
+        return {}
+    try:
+        train, _ = splits(cfg)
+        if not 1 <= int(num_partitions) <= len(train):
+            raise ValueError(f"{num_partitions} partitions of {len(train)} examples")
+        sizes = partitioning.partition_sizes(
+            train, cfg.partitioning.partitioner, int(num_partitions), seed=cfg.run.seed,
+            dirichlet_alpha=cfg.partitioning.dirichlet_alpha,
+            shards_per_client=cfg.partitioning.shards_per_client,
+        )
+    except Exception as exc:  # noqa: BLE001 - an unusable count only costs the known weights
+        log(WARNING,
+            "server-known data shares unavailable (%s: %s): weights come from the replies, "
+            "capped at max-num-examples", type(exc).__name__, exc)
+        return {}
+    return dict(enumerate(int(n) for n in sizes))
