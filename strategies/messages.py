@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord
 
 from fedsoft.aggregate import ReplyError, metric_float, metric_int
 from fedsoft.config import ConfigError, RunConfig, Scalar, check_sparsity, validate
@@ -36,8 +36,7 @@ def _int(name: str, value: Any, minimum: int | None = None) -> int:
     return int(value)
 
 
-def _float(name: str, value: Any, lo: float | None = None, hi: float | None = None,
-           hi_open: bool = False) -> float:
+def _float(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise MessageError(f"{name} = {value!r}: must be a number")
     out = float(value)
@@ -45,8 +44,8 @@ def _float(name: str, value: Any, lo: float | None = None, hi: float | None = No
         raise MessageError(f"{name} = {value!r}: must be finite")
     if lo is not None and out < lo:
         raise MessageError(f"{name} = {value!r}: must be >= {lo}")
-    if hi is not None and (out >= hi if hi_open else out > hi):
-        raise MessageError(f"{name} = {value!r}: must be {'<' if hi_open else '<='} {hi}")
+    if hi is not None and out > hi:
+        raise MessageError(f"{name} = {value!r}: must be <= {hi}")
     return out
 
 
@@ -178,11 +177,3 @@ class ReplyMetrics:
                    train_loss=metric_float(values, "train-loss", required=False),
                    train_s=metric_float(values, "train-s", required=False, minimum=0.0) or 0.0,
                    extra=extra)
-
-    def to_record(self) -> MetricRecord:
-        out: dict[str, Any] = dict(self.extra)
-        out.update({"server-round": self.server_round, "num-examples": self.num_examples,
-                    "train-s": self.train_s})
-        if self.train_loss is not None:
-            out["train-loss"] = self.train_loss
-        return MetricRecord(out)
