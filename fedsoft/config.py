@@ -265,8 +265,23 @@ class CompressionSection:
     )
     wire_dtype: str = opt(
         "float32",
-        *_choice("float32", "float16"),
-        help="dtype of the values on the wire: float32 | float16",
+        *_choice("float32", "float16", "int8", "int4"),
+        help="dtype of the values on the wire: float32 | float16 | int8 | int4 (integer codes "
+        "with a float32 scale per row; the rounding error stays in the error memory)",
+    )
+    head_sparsity: float = opt(
+        0.0,
+        _sparsity_ok,
+        "0 <= head-sparsity < 1",
+        help="fraction of head entries zeroed per round (top-k of the head's change with its "
+        "own error memory); 0 = dense head",
+    )
+    downlink_sparsity: float = opt(
+        0.0,
+        _sparsity_ok,
+        "0 <= downlink-sparsity < 1",
+        help="fraction of the global change zeroed in the server's broadcast (server-side "
+        "error memory); 0 = the full model every round",
     )
     soft_split: str = opt(
         "joint",
@@ -848,6 +863,25 @@ def _check_across_keys(out: dict[str, Scalar]) -> None:
             f"run-config key 'sampling-q-min' = {out['sampling-q-min']!r}: must be <= "
             f"sampling-q = {out['sampling-q']!r}"
         )
+    if out["sparsifier"] == "svd":
+        raise ConfigError(
+            "run-config key 'sparsifier' = 'svd': the SVD oracle is a diagnostic (the reference "
+            "of kept_energy_ratio and bench/selection_time.py), not an uplink: it sends "
+            "rotated factors B' A' = B A whose difference from the local factors error feedback "
+            "cannot carry, so training diverges even at sparsity 0; use soft (the SVD proxy)")
+    if out["sparsifier"] == "dense" and (out["head-sparsity"] > 0
+                                         or out["wire-dtype"] != "float32"):
+        raise ConfigError(
+            f"run-config keys 'head-sparsity' = {out['head-sparsity']!r} / 'wire-dtype' = "
+            f"{out['wire-dtype']!r} with sparsifier = 'dense': dense LoRA replies with the "
+            "full float32 arrays; choose a sparsifier (soft at sparsity = 0 sends every entry "
+            "in the wire dtype)")
+    if out["downlink-sparsity"] > 0 and out["sparsify-target"] == "factors":
+        raise ConfigError(
+            f"run-config key 'downlink-sparsity' = {out['downlink-sparsity']!r} with "
+            "sparsify-target = 'factors': the server averages the clients' factors, which "
+            "start from the compressed broadcast, so the server's unsent residual would be "
+            "lost; use sparsify-target = 'update'")
     if out["sparsifier"] == "dense" and out["sparsity"] > 0:
         raise ConfigError(
             f"run-config key 'sparsity' = {out['sparsity']!r} with sparsifier = 'dense': dense "

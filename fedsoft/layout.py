@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["A_SUFFIX", "B_SUFFIX", "HEAD_PREFIX", "LayerSpec", "head_arrays", "layer_seed",
-           "layer_specs"]
+__all__ = ["A_SUFFIX", "B_SUFFIX", "HEAD_PREFIX", "LayerSpec", "RowsSpec", "head_arrays",
+           "head_specs", "layer_seed", "layer_specs", "rows_spec"]
 
 A_SUFFIX = ".lora_A"
 B_SUFFIX = ".lora_B"
@@ -49,6 +49,49 @@ class LayerSpec:
         """Number of entries ``r (d + k)`` of the rank-rows matrix."""
         return self.r * (self.d + self.k)
 
+
+
+@dataclass(frozen=True)
+class RowsSpec:
+    """A dense tensor seen as ``r`` rows of ``row_len`` entries for the codec (e.g. the head,
+    classes x hidden), sparsified and quantised like a LoRA layer's rank rows."""
+
+    name: str
+    r: int
+    row_len: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"RowsSpec.name must be a str, got {self.name!r}")
+        for field in ("r", "row_len"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(f"RowsSpec.{field} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"RowsSpec.{field} must be positive, got {value!r}")
+            object.__setattr__(self, field, int(value))
+
+    @property
+    def size(self) -> int:
+        """Number of entries ``r * row_len``."""
+        return self.r * self.row_len
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.r, self.row_len)
+
+
+def rows_spec(name: str, shape: tuple[int, ...]) -> RowsSpec:
+    """A tensor of ``shape`` as rows: a matrix by its rows, a vector as one row, higher ranks
+    by their first axis."""
+    shape = tuple(int(n) for n in shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    return RowsSpec(name, rows, max(int(np.prod(shape)) // max(rows, 1), 1))
+
+
+def head_specs(arrays: Mapping[str, np.ndarray]) -> list[RowsSpec]:
+    """The head tensors as rows (names without ``head.``, see :func:`rows_spec`)."""
+    return [rows_spec(name, np.shape(value)) for name, value in head_arrays(arrays).items()]
 
 
 def layer_specs(arrays: Mapping[str, np.ndarray]) -> list[LayerSpec]:

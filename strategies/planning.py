@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedsoft import checkpoint, lora
 from fedsoft.config import ConfigLike, RunConfig
+from fedsoft.layout import rows_spec
 from fedsoft.sketching import calibration as sketch_calibration
 from fedsoft.sketching import plan as sketch_plan
 from fedsoft.sketching.optimizer import uniform_plan
@@ -43,7 +44,7 @@ def setup_tsfa(cfg: RunConfig, setup: ServerSetup) -> SetupResult:
     (rank r*, Lemma 2) or OSFA's fixed rank, the online controller and the channel."""
     work = workload.build_workload(cfg)
     shapes = lora.factor_shapes(work.model)
-    heads = [v.numel() for v in lora.get_head(work.model).values()]
+    heads = [rows_spec(n, tuple(v.shape)) for n, v in lora.get_head(work.model).items()]
     payload = tsfa_plan.payload_bits_fn(cfg, [(s.name, s.d, s.k) for s in shapes], heads)
     d_plus_k = sum(s.d + s.k for s in shapes)
     pilot.ensure_calibration(  # bound-calibration = "auto": pilot run -> calibration.json

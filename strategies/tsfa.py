@@ -11,13 +11,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
 
-from fedsoft.compression.update import (
-    SparseSettings,
-    estimate_payload_bytes,
-    head_arrays,
-    layer_specs,
-)
+from fedsoft.compression.update import SparseSettings, estimate_payload_bytes
 from fedsoft.config import RunConfig
+from fedsoft.layout import head_specs, layer_specs
 from fedsoft.wireless.channel import Channel
 from fedsoft.wireless.controller import Decision, TSFAController, deadline_latency
 
@@ -93,12 +89,13 @@ class TSFA(SparseLoRAFedAvg):
         self._gains = np.array([gains_all[self._slots[nid]] for nid in node_ids])
         self._est = np.array([est_all[self._slots[nid]] for nid in node_ids])
         specs = layer_specs(self.global_arrays)
-        heads = [int(v.size) for v in head_arrays(self.global_arrays).values()]
+        heads = head_specs(self.global_arrays)
         seeded = bool(self.settings.make().positions_from_seed)
 
         def payload_bits(rho: float) -> float:
             return 8.0 * estimate_payload_bytes(specs, heads, rho, dtype=self.settings.dtype,
-                                                seeded_positions=seeded)
+                                                seeded_positions=seeded,
+                                                head_sparsity=self.settings.head_sparsity)
 
         own_model = self.controller.payload_bits is not None  # planned with the wire payload
         self._decision = self.controller.step(self._est, None if own_model else payload_bits)

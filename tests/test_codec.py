@@ -105,7 +105,7 @@ def assert_round_trip(layers, payload, dtype, masks=None, dense=None) -> None:
 @given(cases())
 def test_round_trip_explicit_positions(case) -> None:
     layers, dtype = case
-    payload = encode(layers, dtype=dtype)
+    payload = encode(layers, dtype=dtype, rice=False)
     for m in payload[POS_MODE]:
         event(f"pos_mode {int(m)}")
     assert payload[VALS].dtype == np.dtype(dtype)
@@ -130,7 +130,7 @@ def test_index_and_bitmap_modes_both_round_trip(dtype: str) -> None:
     rng = np.random.default_rng(1)
     layers = make_layers(rng, [(4, 50, 30), (3, 7, 9), (2, 20, 20)], ["sparse", "half", "empty"])
     dense = {"head": rng.standard_normal((2, 5)), "bias": rng.standard_normal(2)}
-    payload = encode(layers, dense, dtype=dtype)
+    payload = encode(layers, dense, dtype=dtype, rice=False)
     assert payload[POS_MODE].tolist() == [MODE_INDEX, MODE_BITMAP, MODE_INDEX]
     assert payload[IDX].size == int(layers[0][2].sum()) > 0
     assert payload[BMP].size == math.ceil(3 * 16 / 8)
@@ -172,7 +172,7 @@ def test_long_rows_use_uint32_counts_and_bitmap() -> None:
     mask = np.zeros((1, 70000), dtype=bool)
     mask[0, [3, 65535, 65536, 69999]] = True
     values = rng.standard_normal((1, 70000)).astype(np.float32) * mask
-    payload = encode([(spec, values, mask)])
+    payload = encode([(spec, values, mask)], rice=False)
     assert payload[CNT].dtype == np.uint32
     assert payload[POS_MODE].tolist() == [MODE_BITMAP]
     assert_round_trip([(spec, values, mask)], payload, "float32")
@@ -183,7 +183,7 @@ def test_row_of_65536_uses_uint32_counts_and_may_index() -> None:
     mask = np.zeros((1, 65536), dtype=bool)
     mask[0, [0, 65535]] = True
     values = mask.astype(np.float32)
-    payload = encode([(spec, values, mask)])
+    payload = encode([(spec, values, mask)], rice=False)
     assert payload[CNT].dtype == np.uint32
     assert payload[POS_MODE].tolist() == [MODE_INDEX]
     assert payload[IDX].tolist() == [0, 65535]
@@ -209,7 +209,7 @@ def test_payload_survives_flower_array_record() -> None:
 @given(cases(max_layers=3))
 def test_position_mode_is_the_smaller_one(case) -> None:
     layers, _ = case
-    payload = encode(layers)
+    payload = encode(layers, rice=False)
     idx_total = bmp_total = 0
     for (spec, _, mask), mode in zip(layers, payload[POS_MODE], strict=True):
         kept = int(np.count_nonzero(mask))
@@ -272,7 +272,7 @@ def base_payload() -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     masks = [mask_q, mask_v]
     rng = np.random.default_rng(6)
     layers = [(s, rng.standard_normal(m.shape) * m, m) for s, m in zip(SPECS, masks, strict=True)]
-    payload = encode(layers, {"head": np.ones((2, 3))})
+    payload = encode(layers, {"head": np.ones((2, 3))}, rice=False)
     assert payload[POS_MODE].tolist() == [MODE_INDEX, MODE_BITMAP]
     return payload, masks
 
@@ -324,7 +324,7 @@ MALFORMED = {
     "bmp length": (_set(BMP, lambda a: np.append(a, np.uint8(0))), BMP),
     "bmp popcount != cnt": (_set(BMP, lambda a: a ^ np.array([0, 0x01, 0, 0], np.uint8)), BMP),
     "bmp padding bits": (_set(BMP, lambda a: a | np.array([0, 0, 0, 0x01], np.uint8)), BMP),
-    "pos_mode value": (_assign(POS_MODE, 0, 4), POS_MODE),
+    "pos_mode value": (_assign(POS_MODE, 0, 5), POS_MODE),  # 4 is Rice since format 2
     "pos_mode full with partial counts": (
         lambda p: (_assign(POS_MODE, 0, MODE_FULL)(p), p.pop(IDX)), CNT),
     "pos_mode length": (_set(POS_MODE, lambda a: a[:1]), POS_MODE),
@@ -436,9 +436,9 @@ def fuzz_bases() -> list[dict]:
     dense = {"head": rng.standard_normal((2, 3))}
     out = []
     for layers, kwargs in (
-        (mixed, {"dtype": "float32"}),
+        (mixed, {"dtype": "float32", "rice": False}),
         (implicit, {"dtype": "float32", "implicit_positions": True}),
-        (small, {"dtype": "float16"}),
+        (small, {"dtype": "float16", "rice": False}),
     ):
         out.append(
             {

@@ -5,38 +5,45 @@ packs the kept entries of all sparse LoRA layers of one client into a handful of
 
 Each LoRA layer with spec ``(r, d, k)`` is given as a "rank rows" matrix ``values`` of shape
 ``(r, d + k)`` whose row ``j`` is ``[b_j ; a_j]`` (column ``j`` of ``B`` then row ``j`` of ``A``)
-and a bool ``mask`` of the same shape (the kept entries). Eq. (6) of arXiv 2505.00333 charges
-``(1 - rho) r (d + k) q`` bits for the values only; the position overhead it leaves out
-(PROPOSED-L: about ``log2(r (d + k))`` bits per kept entry) is what the position modes below
-minimise.
+and a bool ``mask`` of the same shape (the kept entries). A :class:`~fedsoft.layout.RowsSpec`
+block (e.g. the head, classes x hidden) is packed the same way. Eq. (6) of arXiv 2505.00333
+charges ``(1 - rho) r (d + k) q`` bits for the values only; the position overhead it leaves out
+(PROPOSED-L: at least ``log2 C(r (d + k), kept)`` bits per layer) is what the position modes
+below minimise, and ``q`` is the value dtype (:mod:`fedsoft.compression.quantize`).
 
-Layout (all arrays 1-D except the dense tensors; L layers, R = sum of ranks):
+Layout (all arrays 1-D except the dense tensors; L layers):
 
 ========== ================== ============================================================
 key        dtype              content
 ========== ================== ============================================================
 vals       float32 / float16  all kept values, layer by layer, row by row, ascending
-                              position within a row (``values[mask]`` in row-major order)
-cnt        uint16 (uint32)    kept count per (layer, rank row), length R; uint32 as soon as
-                              one layer has ``d + k > 65535``
+           / int8 / uint8     position within a row (``values[mask]`` in row-major order);
+                              int8 codes, or int4 codes packed two per byte (uint8)
+scale      float32            int8 / int4 only: one scale per row of every layer
+cnt        uint16 (uint32)    kept counts: per rank row for modes 0-3, one per layer for
+                              mode 4; uint32 as soon as one count could exceed 65535
 pos_mode   uint8              one per layer: 0 = uint16 within-row indices, 1 = bitmap,
                               2 = implicit (both sides regenerate the mask from a seed),
-                              3 = full (every entry kept, e.g. rho = 0: no positions)
+                              3 = full (every entry kept, e.g. rho = 0: no positions),
+                              4 = Rice-coded gaps of the flat positions
+                              (:mod:`fedsoft.compression.positions`)
 idx        uint16             within-row positions of the index-mode layers, concatenated;
                               present iff some layer has ``pos_mode == 0``
 bmp        uint8              ``np.packbits`` of each bitmap-mode layer's flattened mask, each
                               layer padded with zero bits to a whole byte; present iff some
                               layer has ``pos_mode == 1``
+rice       uint8              the Rice segments of the mode-4 layers, concatenated; present
+                              iff some layer has ``pos_mode == 4``
 dense/<n>  float32 / float16  small dense tensor ``<n>`` (e.g. the classifier head), own shape
 ========== ================== ============================================================
 
 Position mode per layer (unless ``implicit_positions``): ``full`` when every entry is kept,
-else the smaller of ``2 * kept`` bytes of
-indices and ``ceil(r (d + k) / 8)`` bytes of bitmap (ties go to the bitmap); index mode needs
-``d + k <= 65536``. There is no ``meta``/version array on the wire: each Flower array costs
-about 130 bytes of npy header + key, which would push the MiniLM shape at 90% sparsity below
-1.5x smaller than COO (see ``bench/wire_bytes.py``). ``FORMAT_VERSION`` is meant for
-out-of-band checks (e.g. a Flower ConfigRecord entry); a layout change must also change keys.
+else the smallest of ``2 * kept`` bytes of indices (needs ``d + k <= 65536``),
+``ceil(r (d + k) / 8)`` bytes of bitmap and the Rice segment plus its per-row counts minus one
+count (ties go to the bitmap, then the indices). There is no ``meta``/version array on the wire:
+each Flower array costs about 130 bytes of npy header + key (see ``bench/wire_bytes.py``).
+``FORMAT_VERSION`` is meant for out-of-band checks (e.g. a Flower ConfigRecord entry); a layout
+change must also change keys.
 
 ``decode`` validates every field against the caller's layer specs before it builds anything,
 and raises ``CodecError`` naming the field and the offending value on any inconsistency.
@@ -49,7 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsoft.layout import LayerSpec
+from fedsoft.compression import positions, quantize
+from fedsoft.layout import LayerSpec, RowsSpec
 
 __all__ = [
     "BMP",
@@ -61,59 +69,79 @@ __all__ = [
     "MODE_FULL",
     "MODE_IMPLICIT",
     "MODE_INDEX",
+    "MODE_RICE",
     "POS_MODE",
+    "RICE",
+    "SCALE",
     "VALS",
     "CodecError",
     "LayerSpec",
+    "RowsSpec",
     "decode",
     "encode",
     "payload_nbytes",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 VALS = "vals"
+SCALE = "scale"
 CNT = "cnt"
 POS_MODE = "pos_mode"
 IDX = "idx"
 BMP = "bmp"
+RICE = "rice"
 DENSE_PREFIX = "dense/"
 MODE_INDEX = 0
 MODE_BITMAP = 1
 MODE_IMPLICIT = 2
 MODE_FULL = 3
+MODE_RICE = 4
 _MAX_INDEX_ROW = 1 << 16  # uint16 within-row positions address rows of at most 65536 entries
 _MAX_U16_COUNT = (1 << 16) - 1
-_WIRE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+_FLOAT_WIRE = ("float32", "float16")
+
+Spec = LayerSpec | RowsSpec
 
 
 class CodecError(ValueError):
     """A payload (or decode argument) is malformed; the message names the field and value."""
 
 
-def _wire_dtype(dtype: str, error: type[ValueError] = ValueError) -> np.dtype:
-    if not isinstance(dtype, str) or dtype not in _WIRE_DTYPES:
-        raise error(f"dtype must be one of {sorted(_WIRE_DTYPES)}, got {dtype!r}")
-    return _WIRE_DTYPES[dtype]
+def _wire_dtype(dtype: str, error: type[ValueError] = ValueError) -> str:
+    if not isinstance(dtype, str) or dtype not in quantize.WIRE_DTYPES:
+        raise error(f"dtype must be one of {list(quantize.WIRE_DTYPES)}, got {dtype!r}")
+    return dtype
 
 
-def _count_dtype(specs: Sequence[LayerSpec]) -> np.dtype:
-    if all(s.row_len <= _MAX_U16_COUNT for s in specs):
+def _count_slots(spec: Spec, mode: int) -> int:
+    """Entries of ``cnt`` a layer takes: one per row, or one for a Rice layer."""
+    return 1 if mode == MODE_RICE else spec.r
+
+
+def _count_max(spec: Spec, mode: int) -> int:
+    return spec.size if mode == MODE_RICE else spec.row_len
+
+
+def _count_dtype(specs: Sequence[Spec], modes: Sequence[int]) -> np.dtype:
+    if all(_count_max(s, m) <= _MAX_U16_COUNT for s, m in zip(specs, modes, strict=True)):
         return np.dtype(np.uint16)
     return np.dtype(np.uint32)
 
 
-def _bitmap_bytes(spec: LayerSpec) -> int:
+def _bitmap_bytes(spec: Spec) -> int:
     return -(-spec.size // 8)
 
 
-def _choose_mode(spec: LayerSpec, kept: int) -> int:
-    """Cheaper explicit position mode: none when all is kept (``full``), else ``2 * kept``
-    index bytes vs ``ceil(r (d+k) / 8)`` bitmap bytes."""
-    if kept == spec.r * spec.row_len:
+def _choose_mode(spec: Spec, kept: int, flat: np.ndarray, rice: bool = True) -> int:
+    """Cheapest explicit position mode for one layer (see the module docstring)."""
+    if kept == spec.size:
         return MODE_FULL
-    if spec.row_len <= _MAX_INDEX_ROW and 2 * kept < _bitmap_bytes(spec):
-        return MODE_INDEX
-    return MODE_BITMAP
+    sizes = {MODE_BITMAP: _bitmap_bytes(spec)}
+    if spec.row_len <= _MAX_INDEX_ROW:
+        sizes[MODE_INDEX] = 2 * kept
+    if rice:  # one count instead of r: charge it the difference in (uint16) count bytes
+        sizes[MODE_RICE] = positions.rice_nbytes(flat, spec.size) - 2 * (spec.r - 1)
+    return min(sizes, key=lambda m: (sizes[m], (MODE_BITMAP, MODE_INDEX, MODE_RICE).index(m)))
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -131,55 +159,67 @@ def _check_real(arr: np.ndarray, field: str) -> None:
         raise TypeError(f"{field} must hold real numbers, got dtype {arr.dtype}")
 
 
-def _cast_finite(arr: np.ndarray, wire: np.dtype, field: str) -> np.ndarray:
-    """Cast to the wire dtype; reject NaN/Inf before and after (float16 overflow -> Inf)."""
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = arr[~np.isfinite(arr)].ravel()[0]
-        raise ValueError(f"{field} holds a non-finite value {bad!r}")
-    with np.errstate(over="ignore"):  # overflow is reported below as a ValueError
-        out = np.ascontiguousarray(arr, dtype=wire)
-    if not np.isfinite(out).all():
-        bad = arr[~np.isfinite(out)].ravel()[0]
-        raise ValueError(f"{field} value {bad!r} overflows wire dtype {wire}")
-    return out
+def _cast_finite(arr: np.ndarray, dtype: str, field: str) -> np.ndarray:
+    """Cast to a float wire dtype; reject NaN/Inf before and after (float16 overflow -> Inf)."""
+    try:
+        return quantize.quantize(arr, np.zeros(0, np.int64), dtype)[0]
+    except ValueError as err:
+        raise ValueError(f"{field}: {err}") from err
 
 
 def encode(
-    layers: Sequence[tuple[LayerSpec, Any, Any]],
+    layers: Sequence[tuple[Spec, Any, Any]],
     dense: Mapping[str, Any] | None = None,
     *,
     dtype: str = "float32",
-    implicit_positions: bool = False,
+    implicit_positions: bool | Sequence[bool] = False,
+    rice: bool = True,
 ) -> dict[str, np.ndarray]:
     """Pack sparse rank-row updates (and small dense tensors) into flat wire arrays.
 
-    ``layers`` holds ``(spec, values, mask)`` per LoRA layer with ``values`` of shape
-    ``(r, d + k)`` (rank rows ``[b_j ; a_j]``) and bool ``mask`` of the same shape; numpy arrays
-    or torch tensors. Only ``values[mask]`` is sent (the decoder returns zeros elsewhere), so the
-    value part costs ``sum(mask) * q`` bits as in eq. (6) of arXiv 2505.00333, with ``q`` = 32
-    (``"float32"``) or 16 (``"float16"``). Positions cost the smaller of uint16 indices and a
-    bitmap per layer, or nothing when ``implicit_positions`` (seeded masks, e.g. rlora or
-    fedlodrop; the decoder then needs the masks). ``dense`` maps names to dense tensors sent as
-    ``dense/<name>`` in the same dtype. See the module docstring for the layout.
+    ``layers`` holds ``(spec, values, mask)`` per LoRA layer (or :class:`RowsSpec` block) with
+    ``values`` of shape ``(r, row_len)`` (rank rows ``[b_j ; a_j]``) and bool ``mask`` of the
+    same shape; numpy arrays or torch tensors. Only ``values[mask]`` is sent (the decoder
+    returns zeros elsewhere), so the value part costs ``sum(mask) * q`` bits as in eq. (6) of
+    arXiv 2505.00333, with ``q`` = 32, 16, 8 or 4 (``dtype``; the integer dtypes add one
+    float32 scale per row). Positions cost the smallest of uint16 indices, a bitmap and a Rice
+    code per layer, or nothing when ``implicit_positions`` (one bool for all layers or one per
+    layer: seeded masks, e.g. rlora or fedlodrop; the decoder then needs the masks);
+    ``rice=False`` leaves the Rice mode out (the format of version 1). ``dense`` maps names to
+    dense tensors sent as ``dense/<name>`` in the same (float) dtype. See the module docstring
+    for the layout.
     """
-    wire = _wire_dtype(dtype)
-    if not isinstance(implicit_positions, bool):
-        raise TypeError(f"implicit_positions must be a bool, got {implicit_positions!r}")
+    _wire_dtype(dtype)
+    if isinstance(implicit_positions, bool):
+        implicit = [implicit_positions] * len(layers) if isinstance(layers, Sequence) else []
+    elif (isinstance(implicit_positions, Sequence) and not isinstance(implicit_positions, str)
+          and all(isinstance(b, bool) for b in implicit_positions)):
+        implicit = list(implicit_positions)
+        if isinstance(layers, Sequence) and len(implicit) != len(layers):
+            raise ValueError(f"implicit_positions has {len(implicit)} entries for "
+                             f"{len(layers)} layers")
+    else:
+        raise TypeError(f"implicit_positions must be a bool or a sequence of bools, got "
+                        f"{implicit_positions!r}")
+    if not isinstance(rice, bool):
+        raise TypeError(f"rice must be a bool, got {rice!r}")
     if isinstance(layers, Mapping) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be a sequence of (spec, values, mask), got {type(layers)}")
 
-    specs: list[LayerSpec] = []
+    specs: list[Spec] = []
     vals_parts: list[np.ndarray] = []
+    row_counts: list[np.ndarray] = []
     cnt_parts: list[np.ndarray] = []
     modes: list[int] = []
     idx_parts: list[np.ndarray] = []
     bmp_parts: list[np.ndarray] = []
+    rice_parts: list[np.ndarray] = []
     for i, item in enumerate(layers):
         if not isinstance(item, tuple | list) or len(item) != 3:
             raise TypeError(f"layers[{i}] must be a (spec, values, mask) triple, got {item!r}")
         spec, values, mask = item
-        if not isinstance(spec, LayerSpec):
-            raise TypeError(f"layers[{i}] spec must be a LayerSpec, got {spec!r}")
+        if not isinstance(spec, LayerSpec | RowsSpec):
+            raise TypeError(f"layers[{i}] spec must be a LayerSpec or RowsSpec, got {spec!r}")
         shape = (spec.r, spec.row_len)
         values = _to_numpy(values)
         mask = _to_numpy(mask)
@@ -194,34 +234,52 @@ def encode(
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             bad = values[~np.isfinite(values)].ravel()[0]
             raise ValueError(f"{field} values hold a non-finite value {bad!r}")
-        kept = _cast_finite(values[mask], wire, f"{field} values")
         counts = mask.sum(axis=1)
-        mode = MODE_IMPLICIT if implicit_positions else _choose_mode(spec, int(counts.sum()))
+        kept = int(counts.sum())
+        flat = np.flatnonzero(mask.reshape(-1))
+        mode = MODE_IMPLICIT if implicit[i] else _choose_mode(spec, kept, flat, rice)
         if mode == MODE_INDEX:
             idx_parts.append(np.nonzero(mask)[1].astype(np.uint16))
         elif mode == MODE_BITMAP:
             bmp_parts.append(np.packbits(mask.reshape(-1)))
+        elif mode == MODE_RICE:
+            rice_parts.append(positions.rice_encode(flat, spec.size))
         specs.append(spec)
-        vals_parts.append(kept)
-        cnt_parts.append(counts)
+        vals_parts.append(values[mask].astype(np.float32, copy=False)
+                          if dtype not in _FLOAT_WIRE else values[mask])
+        row_counts.append(counts)
+        cnt_parts.append(np.array([kept]) if mode == MODE_RICE else counts)
         modes.append(mode)
 
-    cnt_dtype = _count_dtype(specs)
+    cnt_dtype = _count_dtype(specs, modes)
+    flat_vals = np.concatenate(vals_parts) if vals_parts else np.zeros(0, np.float32)
+    all_counts = np.concatenate(row_counts) if row_counts else np.zeros(0, np.int64)
+    try:
+        codes, scales = quantize.quantize(flat_vals, all_counts, dtype)
+    except ValueError as err:
+        raise ValueError(f"layer values: {err}") from err
     payload: dict[str, np.ndarray] = {
-        VALS: np.concatenate(vals_parts) if vals_parts else np.zeros(0, wire),
+        VALS: codes,
         CNT: np.concatenate(cnt_parts).astype(cnt_dtype) if cnt_parts else np.zeros(0, cnt_dtype),
         POS_MODE: np.asarray(modes, dtype=np.uint8),
     }
+    if scales is not None:
+        payload[SCALE] = scales
     if MODE_INDEX in modes:
         payload[IDX] = np.concatenate(idx_parts)
     if MODE_BITMAP in modes:
         payload[BMP] = np.concatenate(bmp_parts)
+    if MODE_RICE in modes:
+        payload[RICE] = np.concatenate(rice_parts)
     for name, arr in (dense or {}).items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"dense names must be non-empty str, got {name!r}")
+        if dtype not in _FLOAT_WIRE:
+            raise ValueError(f"dense[{name!r}]: dense tensors go as float32 or float16; with "
+                             f"dtype {dtype!r} send them as RowsSpec layers (quantised rows)")
         arr = _to_numpy(arr)
         _check_real(arr, f"dense[{name!r}]")
-        payload[DENSE_PREFIX + name] = _cast_finite(arr, wire, f"dense[{name!r}]")
+        payload[DENSE_PREFIX + name] = _cast_finite(arr, dtype, f"dense[{name!r}]")
     return payload
 
 
@@ -246,6 +304,15 @@ def _get(payload: Mapping[str, np.ndarray], key: str, dtype: np.dtype, length: i
     return arr
 
 
+def _get_1d(payload: Mapping[str, np.ndarray], key: str, dtype: np.dtype) -> np.ndarray:
+    arr = payload[key]
+    if arr.dtype != dtype:
+        raise _fail(key, f"dtype {arr.dtype.str} ({arr.dtype}), expected {dtype}")
+    if arr.ndim != 1:
+        raise _fail(key, f"ndim {arr.ndim} (shape {arr.shape}), expected a 1-D array")
+    return arr
+
+
 def _check_finite(arr: np.ndarray, key: str) -> None:
     finite = np.isfinite(arr)
     if not finite.all():
@@ -253,13 +320,13 @@ def _check_finite(arr: np.ndarray, key: str) -> None:
         raise _fail(key, f"non-finite value {arr.ravel()[pos]!r} at flat position {pos}")
 
 
-def _check_specs(specs: Sequence[LayerSpec]) -> list[LayerSpec]:
+def _check_specs(specs: Sequence[Spec]) -> list[Spec]:
     if isinstance(specs, Mapping) or not isinstance(specs, Sequence):
         raise CodecError(f"specs must be a sequence of LayerSpec, got {type(specs)}")
     out = list(specs)
     for i, s in enumerate(out):
-        if not isinstance(s, LayerSpec):
-            raise CodecError(f"specs[{i}] must be a LayerSpec, got {s!r}")
+        if not isinstance(s, LayerSpec | RowsSpec):
+            raise CodecError(f"specs[{i}] must be a LayerSpec or RowsSpec, got {s!r}")
     return out
 
 
@@ -283,7 +350,7 @@ def _check_dense_shapes(dense_shapes: Mapping[str, tuple[int, ...]] | None) -> d
 
 
 def _check_keys(
-    payload: Mapping[str, np.ndarray], dense_shapes: Mapping[str, tuple[int, ...]]
+    payload: Mapping[str, np.ndarray], dense_shapes: Mapping[str, tuple[int, ...]], dtype: str
 ) -> None:
     if not isinstance(payload, Mapping):
         raise CodecError(f"payload must be a mapping of str -> np.ndarray, got {type(payload)}")
@@ -295,7 +362,9 @@ def _check_keys(
         if arr.dtype.hasobject:
             raise _fail(key, f"object dtype {arr.dtype} is not allowed")
     required = {VALS, CNT, POS_MODE} | {DENSE_PREFIX + n for n in dense_shapes}
-    unknown = sorted(set(payload) - required - {IDX, BMP})
+    if quantize.scaled(dtype):
+        required.add(SCALE)
+    unknown = sorted(set(payload) - required - {IDX, BMP, RICE})
     if unknown:
         raise _fail(unknown[0], f"unknown payload key (all unknown: {unknown})")
     missing = sorted(required - set(payload))
@@ -303,12 +372,12 @@ def _check_keys(
         raise _fail(missing[0], f"missing payload key (all missing: {missing})")
 
 
-def _check_modes(payload: Mapping[str, np.ndarray], specs: list[LayerSpec]) -> np.ndarray:
+def _check_modes(payload: Mapping[str, np.ndarray], specs: list[Spec]) -> np.ndarray:
     modes = _get(payload, POS_MODE, np.dtype(np.uint8), len(specs))
-    bad = np.flatnonzero(modes > MODE_FULL)
+    bad = np.flatnonzero(modes > MODE_RICE)
     if bad.size:
         i = int(bad[0])
-        raise _fail(POS_MODE, f"value {int(modes[i])} for layer {i} not in {{0, 1, 2, 3}}")
+        raise _fail(POS_MODE, f"value {int(modes[i])} for layer {i} not in {{0, 1, 2, 3, 4}}")
     for i, (s, m) in enumerate(zip(specs, modes, strict=True)):
         if m == MODE_INDEX and s.row_len > _MAX_INDEX_ROW:
             raise _fail(
@@ -316,7 +385,7 @@ def _check_modes(payload: Mapping[str, np.ndarray], specs: list[LayerSpec]) -> n
                 f"index mode (0) for layer {i} ({s.name!r}) with d + k = {s.row_len} "
                 f"> {_MAX_INDEX_ROW}",
             )
-    for key, mode in ((IDX, MODE_INDEX), (BMP, MODE_BITMAP)):
+    for key, mode in ((IDX, MODE_INDEX), (BMP, MODE_BITMAP), (RICE, MODE_RICE)):
         used = bool((modes == mode).any())
         if used and key not in payload:
             raise _fail(key, f"missing payload key although pos_mode uses mode {mode}")
@@ -327,10 +396,9 @@ def _check_modes(payload: Mapping[str, np.ndarray], specs: list[LayerSpec]) -> n
 
 def _check_masks(
     masks: Sequence[Any] | None,
-    specs: list[LayerSpec],
+    specs: list[Spec],
     modes: np.ndarray,
-    cnt: np.ndarray,
-    row_off: np.ndarray,
+    cnt: dict[int, np.ndarray],
 ) -> dict[int, np.ndarray]:
     implicit = [i for i, m in enumerate(modes) if m == MODE_IMPLICIT]
     if not implicit:
@@ -353,7 +421,7 @@ def _check_masks(
         if m.shape != (s.r, s.row_len):
             raise _fail(f"masks[{i}]", f"shape {m.shape}, expected {(s.r, s.row_len)}")
         got = m.sum(axis=1)
-        want = cnt[row_off[i] : row_off[i + 1]]
+        want = cnt[i]
         if not np.array_equal(got, want):
             j = int(np.flatnonzero(got != want)[0])
             raise _fail(
@@ -365,16 +433,15 @@ def _check_masks(
 
 def _check_idx(
     payload: Mapping[str, np.ndarray],
-    specs: list[LayerSpec],
+    specs: list[Spec],
     modes: np.ndarray,
-    cnt: np.ndarray,
-    row_off: np.ndarray,
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Validate ``idx``; return per index-mode layer (row ids, within-row positions)."""
+    cnt: dict[int, np.ndarray],
+) -> dict[int, np.ndarray]:
+    """Validate ``idx``; return the mask of each index-mode layer."""
     layers = [i for i, m in enumerate(modes) if m == MODE_INDEX]
     if not layers:
         return {}
-    seg_counts = [cnt[row_off[i] : row_off[i + 1]] for i in layers]
+    seg_counts = [cnt[i] for i in layers]
     row_counts = np.concatenate(seg_counts)  # per row of the index-mode layers, stacked
     row_lens = np.concatenate([np.full(specs[i].r, specs[i].row_len) for i in layers])
     idx = _get(payload, IDX, np.dtype(np.uint16), int(row_counts.sum())).astype(np.int64)
@@ -394,24 +461,23 @@ def _check_idx(
             f"indices not strictly increasing within a row: {int(idx[p - 1])} then "
             f"{int(idx[p])} at position {p}",
         )
-    rows = np.concatenate(
-        [np.repeat(np.arange(specs[i].r), c) for i, c in zip(layers, seg_counts, strict=True)]
-    )
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    out: dict[int, np.ndarray] = {}
     off = 0
     for i, c in zip(layers, seg_counts, strict=True):
+        s = specs[i]
         n = int(c.sum())
-        out[i] = (rows[off : off + n], idx[off : off + n])
+        mask = np.zeros((s.r, s.row_len), dtype=bool)
+        mask[np.repeat(np.arange(s.r), c), idx[off:off + n]] = True
+        out[i] = mask
         off += n
     return out
 
 
 def _check_bmp(
     payload: Mapping[str, np.ndarray],
-    specs: list[LayerSpec],
+    specs: list[Spec],
     modes: np.ndarray,
-    cnt: np.ndarray,
-    row_off: np.ndarray,
+    cnt: dict[int, np.ndarray],
 ) -> dict[int, np.ndarray]:
     """Validate ``bmp``; return the mask of each bitmap-mode layer."""
     layers = [i for i, m in enumerate(modes) if m == MODE_BITMAP]
@@ -430,7 +496,7 @@ def _check_bmp(
             )
         m = bits[: s.size].reshape(s.r, s.row_len).astype(bool)
         got = m.sum(axis=1)
-        want = cnt[row_off[i] : row_off[i + 1]]
+        want = cnt[i]
         if not np.array_equal(got, want):
             j = int(np.flatnonzero(got != want)[0])
             raise _fail(
@@ -443,9 +509,66 @@ def _check_bmp(
     return out
 
 
+def _check_rice(
+    payload: Mapping[str, np.ndarray],
+    specs: list[Spec],
+    modes: np.ndarray,
+    totals: dict[int, int],
+) -> dict[int, np.ndarray]:
+    """Validate ``rice``; return the mask of each Rice-mode layer."""
+    layers = [i for i, m in enumerate(modes) if m == MODE_RICE]
+    if not layers:
+        return {}
+    reader = positions.RiceReader(_get_1d(payload, RICE, np.dtype(np.uint8)))
+    out: dict[int, np.ndarray] = {}
+    for i in layers:
+        s = specs[i]
+        try:
+            flat = reader.read(totals[i], s.size, f"layer {i} ({s.name!r})")
+        except positions.PositionError as err:
+            raise _fail(RICE, str(err)) from err
+        mask = np.zeros(s.size, dtype=bool)
+        mask[flat] = True
+        out[i] = mask.reshape(s.r, s.row_len)
+    try:
+        reader.finish("rice")
+    except positions.PositionError as err:
+        raise _fail(RICE, str(err)) from err
+    return out
+
+
+def _split_counts(payload: Mapping[str, np.ndarray], specs: list[Spec], modes: np.ndarray
+                  ) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """``cnt`` per layer: row counts of the mode 0-3 layers, totals of the Rice layers."""
+    slots = [_count_slots(s, int(m)) for s, m in zip(specs, modes, strict=True)]
+    cnt = _get(payload, CNT, _count_dtype(specs, [int(m) for m in modes]),
+               sum(slots)).astype(np.int64)
+    rows: dict[int, np.ndarray] = {}
+    totals: dict[int, int] = {}
+    off = 0
+    for i, (s, m, n) in enumerate(zip(specs, modes, slots, strict=True)):
+        seg = cnt[off:off + n]
+        off += n
+        limit = _count_max(s, int(m))
+        if (seg > limit).any():
+            j = int(np.flatnonzero(seg > limit)[0])
+            what = "layer size r (d + k)" if m == MODE_RICE else "row length d + k"
+            raise _fail(CNT, f"count {int(seg[j])} of layer {i} ({s.name!r}) entry {j} exceeds "
+                             f"{what} = {limit}")
+        if m == MODE_RICE:
+            totals[i] = int(seg[0])
+        else:
+            rows[i] = seg
+            if m == MODE_FULL and np.any(seg != s.row_len):
+                j = int(np.flatnonzero(seg != s.row_len)[0])
+                raise _fail(CNT, f"layer {i} ({s.name!r}) is in full mode (3) but row {j} keeps "
+                                 f"{int(seg[j])} of {s.row_len} entries")
+    return rows, totals
+
+
 def decode(
     payload: Mapping[str, np.ndarray],
-    specs: Sequence[LayerSpec],
+    specs: Sequence[Spec],
     dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
     *,
     dtype: str = "float32",
@@ -454,7 +577,7 @@ def decode(
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
     """Validate and unpack a payload from :func:`encode` against the expected layer specs.
 
-    Returns ``[(values, mask)]`` per spec (float32 ``(r, d + k)`` rank rows ``[b_j ; a_j]``,
+    Returns ``[(values, mask)]`` per spec (float32 ``(r, row_len)`` rank rows ``[b_j ; a_j]``,
     zero off the mask, and the bool mask) and ``{name: float32 array}`` for the dense tensors
     named in ``dense_shapes``. ``masks`` (one per spec) supply the seeded positions of
     implicit-mode layers and are ignored for the others. ``max_bytes`` bounds
@@ -465,7 +588,7 @@ def decode(
     wire = _wire_dtype(dtype, CodecError)
     specs = _check_specs(specs)
     shapes = _check_dense_shapes(dense_shapes)
-    _check_keys(payload, shapes)
+    _check_keys(payload, shapes, wire)
     if max_bytes is not None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int | np.integer):
             raise CodecError(f"max_bytes must be an int, got {max_bytes!r}")
@@ -476,42 +599,39 @@ def decode(
             raise _fail("payload", f"oversized: {total} bytes > max_bytes {max_bytes}")
 
     modes = _check_modes(payload, specs)
-    ranks = np.array([s.r for s in specs], dtype=np.int64)
-    row_off = np.concatenate([[0], np.cumsum(ranks)])
-    n_rows = int(row_off[-1])
-    cnt = _get(payload, CNT, _count_dtype(specs), n_rows).astype(np.int64)
-    row_lens = np.repeat(np.array([s.row_len for s in specs], dtype=np.int64), ranks)
-    over = np.flatnonzero(cnt > row_lens)
-    if over.size:
-        j = int(over[0])
-        raise _fail(
-            CNT, f"count {int(cnt[j])} at row {j} exceeds row length d + k = {int(row_lens[j])}"
-        )
-    vals = payload[VALS]
-    if vals.dtype != wire:
-        raise _fail(VALS, f"dtype {vals.dtype.str} ({vals.dtype}), expected {wire}")
-    if vals.ndim != 1:
-        raise _fail(VALS, f"ndim {vals.ndim} (shape {vals.shape}), expected a 1-D array")
-    if vals.shape[0] != int(cnt.sum()):
-        raise _fail(VALS, f"length {vals.shape[0]} != sum of field 'cnt' = {int(cnt.sum())}")
-    _check_finite(vals, VALS)
-
+    rows, totals = _split_counts(payload, specs, modes)
+    vals = _get_1d(payload, VALS, quantize.wire_array_dtype(wire))
+    masks_out: dict[int, np.ndarray] = {}
     for i in np.flatnonzero(modes == MODE_FULL):
-        seg = cnt[row_off[i] : row_off[i + 1]]
-        if np.any(seg != specs[i].row_len):
-            j = int(np.flatnonzero(seg != specs[i].row_len)[0])
-            raise _fail(CNT, f"layer {int(i)} ({specs[i].name!r}) is in full mode (3) but row "
-                             f"{j} keeps {int(seg[j])} of {specs[i].row_len} entries")
-    implicit = _check_masks(masks, specs, modes, cnt, row_off)
-    indexed = _check_idx(payload, specs, modes, cnt, row_off)
-    bitmaps = _check_bmp(payload, specs, modes, cnt, row_off)
+        masks_out[int(i)] = np.ones((specs[i].r, specs[i].row_len), dtype=bool)
+    masks_out.update(_check_masks(masks, specs, modes, rows))
+    masks_out.update(_check_idx(payload, specs, modes, rows))
+    masks_out.update(_check_bmp(payload, specs, modes, rows))
+    masks_out.update(_check_rice(payload, specs, modes, totals))
+    row_counts = np.concatenate([masks_out[i].sum(axis=1) for i in range(len(specs))]) \
+        if specs else np.zeros(0, np.int64)
+    scales = None
+    if quantize.scaled(wire):
+        scales = _get(payload, SCALE, np.dtype(np.float32), int(row_counts.size))
+    elif wire == "float32" or wire == "float16":
+        if vals.shape[0] != int(row_counts.sum()):
+            raise _fail(VALS, f"length {vals.shape[0]} != sum of field 'cnt' = "
+                              f"{int(row_counts.sum())}")
+        _check_finite(vals, VALS)
+    try:
+        flat = quantize.dequantize(vals, scales, row_counts, wire, VALS)
+    except quantize.QuantError as err:
+        raise CodecError(str(err)) from err
 
     dense: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
         key = DENSE_PREFIX + name
         arr = payload[key]
-        if arr.dtype != wire:
-            raise _fail(key, f"dtype {arr.dtype.str} ({arr.dtype}), expected {wire}")
+        if wire not in _FLOAT_WIRE:
+            raise _fail(key, f"dense tensors are not sent with dtype {wire!r}")
+        if arr.dtype != quantize.wire_array_dtype(wire):
+            raise _fail(key, f"dtype {arr.dtype.str} ({arr.dtype}), expected "
+                             f"{quantize.wire_array_dtype(wire)}")
         if arr.shape != shape:
             raise _fail(key, f"shape {arr.shape}, expected {shape}")
         _check_finite(arr, key)
@@ -519,18 +639,12 @@ def decode(
 
     # everything is valid: build the outputs
     layers_out: list[tuple[np.ndarray, np.ndarray]] = []
-    val_off = np.concatenate([[0], np.cumsum(cnt)])
+    val_off = 0
     for i, s in enumerate(specs):
-        if i in indexed:
-            mask = np.zeros((s.r, s.row_len), dtype=bool)
-            rows, cols = indexed[i]
-            mask[rows, cols] = True
-        elif modes[i] == MODE_FULL:
-            mask = np.ones((s.r, s.row_len), dtype=bool)
-        else:
-            mask = bitmaps[i] if i in bitmaps else implicit[i]
+        mask = masks_out[i]
+        n = int(mask.sum())
         values = np.zeros((s.r, s.row_len), dtype=np.float32)
-        lo, hi = int(val_off[row_off[i]]), int(val_off[row_off[i + 1]])
-        values[mask] = vals[lo:hi]
+        values[mask] = flat[val_off:val_off + n]
+        val_off += n
         layers_out.append((values, mask))
     return layers_out, dense

@@ -86,11 +86,19 @@ class ErrorFeedback:
         _check_finite(f"error memory of layer {name!r}", e)
         return x + e
 
-    def step(self, name: str, x: Tensor, sparsify_fn: Callable[[Tensor], SparseRows]) -> SparseRows:
+    def step(self, name: str, x: Tensor, sparsify_fn: Callable[[Tensor], SparseRows], *,
+             transmit: Callable[[SparseRows], Tensor] | None = None,
+             sent_rows_only: bool = False) -> SparseRows:
         """Sparsify ``x + e_t`` with ``sparsify_fn`` and store ``e_{t+1}`` (eqs. 10, 14).
 
         ``sparsify_fn`` maps the compensated rows to a :class:`SparseRows` of the same shape,
         e.g. ``lambda u: SPARSIFIERS["soft"](u, d, keep, ref=factors, seed=seed)``.
+        ``transmit`` maps that selection to what the receiver reconstructs (e.g. the int8 or
+        float16 round trip of :func:`fedsoft.compression.quantize.roundtrip`); the memory then
+        keeps ``u - transmit(S(u))``, so the rounding error is sent later instead of lost and
+        ``sum_t sent_t + e_T = sum_t x_t`` holds for every wire dtype. ``sent_rows_only`` drops
+        the memory of rank rows the selection left empty (HetLoRA: rows above a client's rank
+        are never sent, so their memory would only grow).
         """
         u = self.compensated(name, x)
         out = sparsify_fn(u)
@@ -105,10 +113,18 @@ class ErrorFeedback:
             )
         zero = torch.zeros((), dtype=u.dtype, device=u.device)
         mask = out.mask.to(u.device)
-        if torch.equal(out.values, torch.where(mask, u, zero)):
+        if transmit is not None:
+            sent = transmit(out).to(device=u.device, dtype=u.dtype)
+            if sent.shape != u.shape:
+                raise ErrorFeedbackError(f"transmit output shape {tuple(sent.shape)} != "
+                                         f"{tuple(u.shape)} for layer {name!r}")
+            e_next = torch.where(mask, u - sent, u)
+        elif torch.equal(out.values, torch.where(mask, u, zero)):
             e_next = torch.where(mask, zero, u)
         else:
             e_next = u - out.values.to(dtype=u.dtype)
+        if sent_rows_only and e_next.ndim == 2:
+            e_next = torch.where(mask.any(dim=1, keepdim=True), e_next, zero)
         _check_finite(f"new error memory of layer {name!r}", e_next)
         self.memory[name] = e_next.detach()
         return out

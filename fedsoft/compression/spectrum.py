@@ -51,10 +51,15 @@ def product_energy(rows: Tensor, d: int) -> float:
 
 
 def kept_energy_ratio(
-    rows: Tensor, d: int, keep: int, sparsifier: str | Sparsifier = "soft", *, seed: int = 0
+    rows: Tensor, d: int, keep: int, sparsifier: str | Sparsifier = "soft", *, seed: int = 0,
+    ref: Tensor | None = None, sent: Tensor | None = None,
 ) -> float:
     """``||B_hat A_hat||_F^2`` of the kept factors from ``sparsifier`` / the svd oracle's at the
     same budget (best rank-m approximation energy). 1.0 means the oracle's quality.
+
+    ``ref`` is the sparsifier's score reference (SOFT scores the local factors, eq. 8, when it
+    sparsifies an update); ``sent`` are the rows that were actually transmitted (e.g. after
+    quantisation): when given they are the numerator and ``sparsifier`` is not called again.
 
     The ratio is not bounded by 1: partially kept rank rows are no longer orthogonal, and for
     non-orthogonal factors cancelling components can be dropped, so the kept product can carry
@@ -65,7 +70,8 @@ def kept_energy_ratio(
     check_sparsify_args(rows, d, keep)
     sp = get_sparsifier(sparsifier) if isinstance(sparsifier, str) else sparsifier
     with torch.no_grad():
-        num = product_energy(sp(rows, d, keep, seed=seed).values, d)
+        kept = sent if sent is not None else sp(rows, d, keep, ref=ref, seed=seed).values
+        num = product_energy(kept, d)
         den = product_energy(SPARSIFIERS["svd"](rows, d, keep).values, d)
     if den == 0.0:
         return 1.0 if num == 0.0 else float("inf")

@@ -11,7 +11,11 @@ What is sparsified (A.5 item 4 of EQUATIONS.md, a PROPOSED-L choice, run-config
 * ``factors`` (the paper's text read literally): the local factors themselves plus memory are
   sparsified (eqs. 10-14) and eq. (5) averages the sparse factors.
 
-The dense head is sent whole (densely federated) in the same value dtype.
+The head (``head.*``) is sent whole (densely federated, today's behaviour) when
+``head-sparsity = 0`` and the wire dtype is a float; otherwise its change ``head_l - head_g``
+plus its own error memory is top-k sparsified at ``head-sparsity`` (its own ratio, not part of
+the LoRA budget rho) and quantised like the LoRA values, and the server rebuilds
+``head_g + decoded change``.
 """
 
 from __future__ import annotations
@@ -22,14 +26,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsoft.compression import codec
+from fedsoft.compression import codec, positions, quantize
 from fedsoft.compression.error_feedback import ErrorFeedback
 from fedsoft.compression.sparsifiers import from_rows, get_sparsifier, keep_count, to_rows
+from fedsoft.compression.sparsifiers.base import SparseRows
 from fedsoft.compression.spectrum import kept_energy_ratio
 from fedsoft.config import ConfigLike, RunConfig, check_sparsity
-from fedsoft.layout import A_SUFFIX, B_SUFFIX, HEAD_PREFIX, head_arrays, layer_seed, layer_specs
+from fedsoft.layout import (
+    A_SUFFIX,
+    B_SUFFIX,
+    HEAD_PREFIX,
+    RowsSpec,
+    head_arrays,
+    head_specs,
+    layer_seed,
+    layer_specs,
+)
 
 TARGETS = ("update", "factors")
+HEAD_MEMORY = "head/"  # error-memory names of the head tensors
 
 
 @dataclass(frozen=True)
@@ -42,11 +57,20 @@ class SparseSettings:
     dtype: str = "float32"  # [wire-dtype]
     split: str = "joint"  # [soft-split], SOFT's A/B split option (A.5 item 2)
     seed: int = 0  # [seed]
+    head_sparsity: float = 0.0  # [head-sparsity]
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"sparsify-target = {self.target!r}: must be one of {TARGETS}")
+        quantize.check_dtype(self.dtype)
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+        object.__setattr__(self, "head_sparsity",
+                           check_sparsity(self.head_sparsity, "head-sparsity"))
+
+    @property
+    def sparse_head(self) -> bool:
+        """The head goes as a sparsified / quantised change with error feedback (else whole)."""
+        return self.head_sparsity > 0 or quantize.scaled(self.dtype)
 
     @classmethod
     def from_config(cls, cfg: ConfigLike, sparsity: float | None = None) -> SparseSettings:
@@ -56,7 +80,7 @@ class SparseSettings:
         c = cfg.compression
         return cls(sparsifier=c.sparsifier, sparsity=c.sparsity if sparsity is None else sparsity,
                    target=c.sparsify_target, dtype=c.wire_dtype, split=c.soft_split,
-                   seed=cfg.run.seed)
+                   seed=cfg.run.seed, head_sparsity=c.head_sparsity)
 
     def make(self):
         """The configured sparsifier instance."""
@@ -67,6 +91,36 @@ class SparseSettings:
     def signature(self) -> str:
         """Error memory is only valid for one sparsifier/target layout (reset otherwise)."""
         return f"{self.sparsifier}|{self.target}"
+
+
+def head_keep(spec: RowsSpec, head_sparsity: float) -> int:
+    """Head entries sent per round: ``round((1 - head-sparsity) * size)``."""
+    return int(round((1.0 - check_sparsity(head_sparsity, "head-sparsity")) * spec.size))
+
+
+def topk_mask(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask of the ``keep`` largest ``|x|`` over the whole tensor (ties by index)."""
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    if keep > 0:
+        order = torch.argsort(x.detach().abs().reshape(-1).cpu(), descending=True, stable=True)
+        mask[order[:keep]] = True
+    return mask.reshape(x.shape)
+
+
+def transmit_fn(dtype: str):
+    """``ErrorFeedback.step``'s ``transmit`` for ``dtype``: None for float32 (exact), else the
+    receiver's reconstruction from the codec's quantisation (same rows, same rounding)."""
+    if dtype == "float32":
+        return None
+
+    def transmit(sel: SparseRows) -> torch.Tensor:
+        values = sel.values.detach().cpu().numpy()
+        mask = sel.mask.cpu().numpy()
+        out = np.zeros(values.shape, dtype=np.float32)
+        out[mask] = quantize.roundtrip(values[mask].astype(np.float32), mask.sum(axis=1), dtype)
+        return torch.from_numpy(out)
+
+    return transmit
 
 
 def _rows(arrays: Mapping[str, np.ndarray], spec: codec.LayerSpec) -> torch.Tensor:
@@ -93,6 +147,8 @@ def encode_update(
     """
     sparsifier = settings.make()
     specs = layer_specs(global_arrays)
+    transmit = transmit_fn(settings.dtype)
+    rows_only = bool(getattr(sparsifier, "memory_sent_rows_only", False))
     probe = set(np.linspace(0, len(specs) - 1, min(energy_layers, len(specs))).round().astype(int))
     layers, energy = [], []
     for i, spec in enumerate(specs):
@@ -101,22 +157,39 @@ def encode_update(
         ref = local if settings.target == "update" else None
         keep = keep_count(spec.r, spec.d, spec.k, settings.sparsity)
         seed = layer_seed(settings.seed, server_round, node_id, i)
+        probing = i in probe and settings.sparsifier != "dense"
+        u = ef.compensated(spec.name, x) if probing else None  # x + e_t, as sparsified
         sel = ef.step(spec.name, x, lambda u, s=seed, kp=keep, rf=ref, d=spec.d:
-                      sparsifier(u, d, kp, ref=rf, seed=s))
+                      sparsifier(u, d, kp, ref=rf, seed=s), transmit=transmit,
+                      sent_rows_only=rows_only)
         layers.append((spec, sel.values, sel.mask))
-        if i in probe and settings.sparsifier != "dense":
-            u = sel.values + ef.memory[spec.name]  # x + e_t, as sparsified
-            energy.append(kept_energy_ratio(u, spec.d, keep, sparsifier, seed=seed))
-    payload = codec.encode(
-        layers,
-        head_arrays(local_arrays),
-        dtype=settings.dtype,
-        implicit_positions=bool(sparsifier.positions_from_seed),
-    )
+        if u is not None:
+            sent = sel.values if transmit is None else transmit(sel)
+            energy.append(kept_energy_ratio(u, spec.d, keep, sparsifier, seed=seed, ref=ref,
+                                            sent=sent))
+    implicit = [bool(sparsifier.positions_from_seed)] * len(layers)
+    dense = head_arrays(local_arrays)
+    if settings.sparse_head:
+        heads_g = head_arrays(global_arrays)
+        for hs in head_specs(global_arrays):
+            x = torch.from_numpy((np.asarray(dense[hs.name], np.float32)
+                                  - np.asarray(heads_g[hs.name], np.float32)).reshape(hs.shape))
+            kp = head_keep(hs, settings.head_sparsity)
+            sel = ef.step(HEAD_MEMORY + hs.name, x,
+                          lambda u, kp=kp: SparseRows(*_topk(u, kp)), transmit=transmit)
+            layers.append((hs, sel.values, sel.mask))
+            implicit.append(False)
+        dense = {}
+    payload = codec.encode(layers, dense, dtype=settings.dtype, implicit_positions=implicit)
     info = {"ef_sq_norm": ef.sq_norm()}
     if energy:
         info["kept_energy_ratio"] = float(np.mean(energy))
     return payload, info
+
+
+def _topk(u: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = topk_mask(u, keep)
+    return torch.where(mask, u, torch.zeros((), dtype=u.dtype)), mask
 
 
 def decode_update(
@@ -131,11 +204,13 @@ def decode_update(
     """Validate a client's payload and rebuild its full arrays (same keys as the global ones).
 
     Beyond the codec's checks, every layer must carry exactly the budgeted number of entries
-    ``keep_count(r, d, k, sparsity)``: a client that sends more is rejected.
+    ``keep_count(r, d, k, sparsity)`` (and every sparse head tensor ``head_keep``): a client
+    that sends more is rejected.
     """
     sparsifier = settings.make()
     specs = layer_specs(global_arrays)
     heads = head_arrays(global_arrays)
+    hspecs = head_specs(global_arrays) if settings.sparse_head else []
     masks = None
     if sparsifier.positions_from_seed:
         masks = [
@@ -144,13 +219,13 @@ def decode_update(
                 layer_seed(settings.seed, server_round, node_id, i),
             ).numpy()
             for i, s in enumerate(specs)
-        ]
+        ] + [None] * len(hspecs)
     rows, dense = codec.decode(
-        payload, specs, {k: v.shape for k, v in heads.items()},
+        payload, [*specs, *hspecs], {} if hspecs else {k: v.shape for k, v in heads.items()},
         dtype=settings.dtype, masks=masks, max_bytes=max_bytes,
     )
     out: dict[str, np.ndarray] = {}
-    for spec, (values, mask) in zip(specs, rows, strict=True):
+    for spec, (values, mask) in zip(specs, rows, strict=False):
         keep = keep_count(spec.r, spec.d, spec.k, settings.sparsity)
         if int(mask.sum()) != keep:
             raise codec.CodecError(
@@ -163,29 +238,66 @@ def decode_update(
         a, b = from_rows(vals, spec.d)
         out[spec.name + A_SUFFIX] = a.numpy().astype(np.float32)
         out[spec.name + B_SUFFIX] = b.numpy().astype(np.float32)
+    for hs, (values, mask) in zip(hspecs, rows[len(specs):], strict=True):
+        keep = head_keep(hs, settings.head_sparsity)
+        if int(mask.sum()) != keep:
+            raise codec.CodecError(
+                f"head {hs.name!r}: {int(mask.sum())} entries sent, budget is {keep} at "
+                f"head-sparsity {settings.head_sparsity}")
+        base = np.asarray(heads[hs.name], np.float32)
+        dense[hs.name] = base + values.reshape(base.shape)
     for name, value in dense.items():
         out[HEAD_PREFIX + name] = value.astype(np.float32)
     return {k: out[k] for k in global_arrays}
 
 
+def _position_bytes(size: int, rows: int, row_len: int, kept: int, rice: bool) -> float:
+    """Planned position bytes of one layer as :func:`codec.encode` chooses them, plus its
+    counts (one per row, or one for a Rice layer)."""
+    if kept == size:
+        return 2 * rows
+    options: list[float] = [-(-size // 8) + 2 * rows]
+    if row_len <= 1 << 16:
+        options.append(2 * kept + 2 * rows)
+    if rice:
+        options.append(positions.rice_expected_bytes(size, kept) + 2)
+    return min(options)
+
+
 def estimate_payload_bytes(
-    specs: list[codec.LayerSpec], head_sizes: list[int], sparsity: float, *,
-    dtype: str = "float32", seeded_positions: bool = False, per_array_overhead: int = 130,
+    specs: list[codec.LayerSpec], heads: list[int | RowsSpec], sparsity: float, *,
+    dtype: str = "float32", seeded_positions: bool = False, head_sparsity: float = 0.0,
+    per_array_overhead: int = 130,
 ) -> int:
     """Bytes one client's payload will take at ``sparsity`` (before it is encoded).
 
-    Mirrors :func:`fedsoft.compression.codec.encode`: kept values in ``dtype``, per-layer positions
-    as the
-    smaller of uint16 indices and a bitmap (none when seeded), one count per rank row, one mode
-    byte per layer, the dense head, plus Flower's per-array framing (~130 bytes measured with
-    ``ArrayRecord.count_bytes``). Used by TSFA to turn rho into the eq. (6) payload in bits.
+    Mirrors :func:`fedsoft.compression.codec.encode`: kept values in ``dtype`` (eq. (6)'s q,
+    plus one float32 scale per row for int8 / int4), per-layer positions as the smallest of
+    uint16 indices, a bitmap and the expected Rice code (none when seeded), the counts, one mode
+    byte per layer, the head (whole, or sparse at ``head_sparsity`` / quantised as the codec
+    sends it; ``heads`` are RowsSpecs, or sizes for one-row tensors), plus Flower's per-array
+    framing (~130 bytes measured with ``ArrayRecord.count_bytes``). Used by TSFA to turn rho
+    into the eq. (6) payload in bits.
     """
-    item = 2 if dtype == "float16" else 4
-    kept = [keep_count(s.r, s.d, s.k, sparsity) for s in specs]
-    values = item * sum(kept)
-    positions = 0 if seeded_positions else sum(
-        0 if n == s.r * (s.d + s.k) else min(2 * n, -(-s.r * (s.d + s.k) // 8))
-        for s, n in zip(specs, kept, strict=True))
-    counts = 2 * sum(s.r for s in specs) + len(specs)
-    n_arrays = 3 + (1 if positions else 0) + len(head_sizes)
-    return values + positions + counts + item * sum(head_sizes) + per_array_overhead * n_arrays
+    quantize.check_dtype(dtype)
+    hspecs = [h if isinstance(h, RowsSpec) else RowsSpec(f"h{i}", 1, int(h))
+              for i, h in enumerate(heads)]
+    sparse_head = head_sparsity > 0 or quantize.scaled(dtype)
+    blocks = [(s.size, s.r, s.row_len, keep_count(s.r, s.d, s.k, sparsity), seeded_positions)
+              for s in specs]
+    if sparse_head:
+        blocks += [(h.size, h.r, h.row_len, head_keep(h, head_sparsity), False) for h in hspecs]
+    kept = sum(b[3] for b in blocks)
+    total = quantize.values_nbytes(kept, dtype)
+    rows = sum(b[1] for b in blocks)
+    if quantize.scaled(dtype):
+        total += 4 * rows
+    total += sum(2 * r if seeded else _position_bytes(size, r, row_len, n, True)
+                 for size, r, row_len, n, seeded in blocks)
+    total += len(blocks)  # pos_mode
+    explicit = [b for b in blocks if not b[4] and b[3] < b[0]]
+    n_arrays = 3 + (1 if quantize.scaled(dtype) else 0) + (1 if explicit else 0)
+    if not sparse_head:
+        total += quantize.values_nbytes(sum(h.size for h in hspecs), dtype)
+        n_arrays += len(hspecs)
+    return int(round(total + per_array_overhead * n_arrays))

@@ -221,6 +221,7 @@ LORA_SHAPES = {"minilm-l6": (12, 384, 384, 384),
 
 def dense_upload_bits(overrides: Mapping[str, Any], rank: int) -> float:
     """Bits of one client's dense (rho = 0) wire upload at ``rank`` for the run ``overrides``."""
+    from fedsoft.layout import RowsSpec
     from fedsoft.task.data import DATASETS
     from fedsoft.wireless import plan as tsfa_plan
 
@@ -228,7 +229,8 @@ def dense_upload_bits(overrides: Mapping[str, Any], rank: int) -> float:
     count, d, k, head_in = LORA_SHAPES[str(cfg["model"])]
     classes = DATASETS[str(cfg["dataset"])].num_classes
     bits = tsfa_plan.payload_bits_fn(cfg, [(f"layer{i}", d, k) for i in range(count)],
-                                     [head_in * classes, classes])
+                                     [RowsSpec("weight", classes, head_in),
+                                      RowsSpec("bias", 1, classes)])
     return float(bits(int(rank), 0.0))
 
 

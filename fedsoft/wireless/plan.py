@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from fedsoft.compression import quantize
 from fedsoft.compression.update import SparseSettings, estimate_payload_bytes
 from fedsoft.config import DEFAULTS, ConfigError, ConfigLike, RunConfig, parse_int_list
-from fedsoft.layout import LayerSpec
+from fedsoft.layout import LayerSpec, RowsSpec, rows_spec
 from fedsoft.wireless.bound import BoundConstants
 from fedsoft.wireless.calibration import load_calibration
 from fedsoft.wireless.channel import Channel, ChannelConfig
@@ -176,7 +177,7 @@ def channel_config(cfg: ConfigLike, num_clients: int) -> ChannelConfig:
         tx_power_w=cfg.channel.tx_power_w,
         bandwidth_hz=cfg.channel.bandwidth_hz,
         noise_psd_dbm_per_hz=cfg.channel.noise_psd_dbm_hz,
-        bits_per_value=16 if cfg.compression.wire_dtype == "float16" else 32,
+        bits_per_value=quantize.value_bits(cfg.compression.wire_dtype),
         path_loss_model=cfg.channel.path_loss_model,  # type: ignore[arg-type]
         ref_loss_db=cfg.channel.path_loss_ref_db,
         ref_distance_m=cfg.channel.path_loss_ref_distance_m,
@@ -229,7 +230,7 @@ def bound_constants(cfg: ConfigLike) -> BoundConstants:
 
 
 def payload_bits_fn(cfg: ConfigLike, layer_dims: Sequence[tuple[str, int, int]],
-                    head_sizes: Sequence[int]) -> Callable[[int, float], float]:
+                    head_sizes: Sequence[int | RowsSpec]) -> Callable[[int, float], float]:
     """(r, rho) -> bits of one client's encoded upload at rank r (values in ``wire-dtype``,
     positions as the codec sends them for ``sparsifier``, counts, dense head, Flower framing).
     ``layer_dims`` are (name, d, k) of the adapted layers."""
@@ -240,7 +241,8 @@ def payload_bits_fn(cfg: ConfigLike, layer_dims: Sequence[tuple[str, int, int]],
     def bits(rank: int, rho: float) -> float:
         specs = [LayerSpec(name, int(rank), d, k) for name, d, k in layer_dims]
         return 8.0 * estimate_payload_bytes(specs, list(head_sizes), float(rho), dtype=dtype,
-                                            seeded_positions=seeded)
+                                            seeded_positions=seeded,
+                                            head_sparsity=cfg.compression.head_sparsity)
 
     return bits
 
@@ -251,7 +253,7 @@ def payload_bits_for_model(cfg: ConfigLike, model: Any) -> Callable[[int, float]
     from fedsoft import lora  # lazy: torch
 
     shapes = lora.factor_shapes(model)
-    heads = [int(v.numel()) for v in lora.get_head(model).values()]
+    heads = [rows_spec(n, tuple(v.shape)) for n, v in lora.get_head(model).items()]
     return payload_bits_fn(cfg, [(s.name, s.d, s.k) for s in shapes], heads)
 
 

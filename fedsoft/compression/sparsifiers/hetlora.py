@@ -35,6 +35,9 @@ class HetLoRASparsifier:
 
     name: ClassVar[str] = "hetlora"
     positions_from_seed: ClassVar[bool] = False
+    # rows above the client's rank are never sent: no error memory for them (it would grow
+    # without bound, ErrorFeedback.step(sent_rows_only=True))
+    memory_sent_rows_only: ClassVar[bool] = True
 
     def __call__(
         self, rows: Tensor, d: int, keep: int, *, ref: Tensor | None = None, seed: int = 0
