@@ -7,12 +7,13 @@ import time
 import warnings
 from pathlib import Path
 
-from flwr.app import Array, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsoft.attacks import attack_class, hostile_reply
 from fedsoft.client_update import local_round
 from fedsoft.compression.client_state import load_ef, save_ef, simulated_failure
+from fedsoft.compression.downlink import apply_change
 from fedsoft.config import RunConfig, resolve
 from strategies.messages import ARRAYS, CONFIG, METRICS, TrainInstruction
 from strategies.records import to_numpy, to_record
@@ -22,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\b")
 
 EF_KEY = "error-feedback"
+DOWNLINK_KEY = "downlink-reference"  # the broadcast model this node holds, and its round
+DOWNLINK_ROUND_KEY = "downlink-round"
 APP_DIR = Path(__file__).resolve().parent
 _BASE: dict[str, RunConfig] = {}  # resolved context.run_config, once per run and process
 
@@ -58,6 +61,9 @@ def train(msg: Message, context: Context) -> Message:
     if hostile and cfg.run.attack_mode == "crash":
         raise RuntimeError(f"attack-mode = 'crash': partition {partition_id} fails round "
                            f"{server_round}")
+    received = to_numpy(msg.content[ARRAYS])
+    global_arrays = _broadcast_model(received, plan.downlink_base, server_round, context,
+                                     keep=cfg.compression.downlink_sparsity > 0)
     state_dir = _state_dir(cfg, context)
     if EF_KEY in context.state:
         ef_state = to_numpy(context.state[EF_KEY])
@@ -67,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
         ef_state = None
     arrays, metrics, ef_new = local_round(
         cfg,
-        to_numpy(msg.content[ARRAYS]),
+        global_arrays,
         partition_id=partition_id,
         num_partitions=int(context.node_config["num-partitions"]),
         server_round=server_round,
@@ -85,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     record = to_record(arrays)
     if hostile:  # fault injection (attack-partition): a reply the server must drop
         bad = hostile_reply(attack_class(cfg.run.attack_mode, server_round), arrays,
-                            metrics, to_numpy(msg.content[ARRAYS]), seed=server_round)
+                            metrics, global_arrays, seed=server_round)
         record = to_record(bad.arrays)
         for key, raw in bad.raw.items():
             record[key] = Array(dtype=raw.dtype, shape=raw.shape, stype="numpy.ndarray",
@@ -93,6 +99,29 @@ def train(msg: Message, context: Context) -> Message:
         metrics = bad.metrics
     content = RecordDict({ARRAYS: record, METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def _broadcast_model(received: dict, base: int | None, server_round: int, context: Context,
+                     *, keep: bool) -> dict:
+    """The model to train from: ``received`` itself, or (``base`` set) the broadcast change
+    applied to the reference this node kept from round ``base``; kept for the next round when
+    the downlink is compressed (``keep``)."""
+    if base is None:
+        model = received
+    else:
+        held = (int(context.state[DOWNLINK_ROUND_KEY]["round"])
+                if DOWNLINK_ROUND_KEY in context.state and DOWNLINK_KEY in context.state
+                else None)
+        if held != base:
+            raise RuntimeError(
+                f"downlink: round {server_round} sends the change since round {base}, but this "
+                f"node holds {'no broadcast model' if held is None else f'round {held}'}; the "
+                "server sends it the full model next time")
+        model = apply_change(to_numpy(context.state[DOWNLINK_KEY]), received)
+    if keep:
+        context.state[DOWNLINK_KEY] = to_record(model)
+        context.state[DOWNLINK_ROUND_KEY] = ConfigRecord({"round": server_round})
+    return model
 
 
 def _state_dir(cfg: RunConfig, context: Context) -> Path | None:

@@ -283,6 +283,14 @@ class CompressionSection:
         help="fraction of the global change zeroed in the server's broadcast (server-side "
         "error memory); 0 = the full model every round",
     )
+    downlink_history: int = opt(
+        4,
+        _positive,
+        ">= 1",
+        help="with downlink-sparsity > 0: broadcast models the server keeps, so a client that "
+        "last synchronised up to this many rounds ago gets the change since then (older: the "
+        "full model)",
+    )
     soft_split: str = opt(
         "joint",
         *_choice("joint", "ab"),

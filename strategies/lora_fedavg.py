@@ -23,6 +23,7 @@ from fedsoft.aggregate import (
     check_weight,
     weighted_average,
 )
+from fedsoft.compression.downlink import Broadcast
 from fedsoft.config import RunConfig
 
 from .messages import ReplyMetrics, RoundPlan
@@ -56,7 +57,12 @@ class LoRAFedAvg(FedAvg):
       partition size (``data_sizes``) when it has one, else the reported ``num-examples``
       capped at ``max_num_examples``; an update whose norm exceeds ``update_norm_bound`` x the
       round's reference norm is dropped; a non-finite or out-of-bound aggregate is not applied;
-    * measures uplink bytes from the ArrayRecords actually received (``count_bytes``);
+    * measures uplink bytes from the ArrayRecords actually received and downlink bytes from
+      the ones sent (``count_bytes``, as Flower counts them);
+    * with a :class:`~fedsoft.compression.downlink.Broadcast` (``downlink-sparsity`` > 0)
+      sends each client the compressed change of the broadcast model since it last
+      synchronised (or the whole broadcast model) and adds the broadcast's unsent residual to
+      replies that are whole models, so aggregation still moves the true global model;
     * keeps per-round statistics in :attr:`round_stats` for the run's metrics.jsonl.
 
     Evaluation is server-side (``evaluate_fn`` of :meth:`start`), so no evaluate messages go out.
@@ -75,6 +81,7 @@ class LoRAFedAvg(FedAvg):
         data_sizes: Mapping[int, int] | None = None,
         max_num_examples: int = 1_000_000,
         update_norm_bound: float = 10.0,
+        downlink: Broadcast | None = None,
     ) -> None:
         if clients_per_round < 1:
             raise ValueError(f"clients-per-round = {clients_per_round}: must be >= 1")
@@ -113,6 +120,10 @@ class LoRAFedAvg(FedAvg):
         self.global_arrays: dict[str, np.ndarray] = {}
         self._round_t0 = time.perf_counter()
         self.reply_bytes: dict[int, int] = {}  # node id -> bytes received this round (valid)
+        self.downlink = downlink
+        self._synced: dict[int, int] = {}  # node id -> last round it confirmed (downlink)
+        self._bases: dict[int, int | None] = {}  # node id -> this round's downlink base
+        self._residual: dict[str, np.ndarray] | None = None  # x_{t-1} - xh_t (downlink)
 
     @classmethod
     def setup(cls, cfg: RunConfig, setup: ServerSetup) -> SetupResult:
@@ -130,10 +141,13 @@ class LoRAFedAvg(FedAvg):
     def common_kwargs(cfg: RunConfig, node_to_client: dict[int, int] | None,
                       data_sizes: Mapping[int, int] | None) -> dict[str, Any]:
         """Constructor arguments every strategy takes from the ``run`` section."""
+        c = cfg.compression
+        downlink = (Broadcast(c.downlink_sparsity, c.wire_dtype, c.downlink_history)
+                    if c.downlink_sparsity > 0 else None)
         return dict(min_available_nodes=cfg.run.min_available_nodes, seed=cfg.run.seed,
                     min_replies=cfg.run.min_replies, node_to_client=node_to_client,
                     data_sizes=data_sizes, max_num_examples=cfg.run.max_num_examples,
-                    update_norm_bound=cfg.run.update_norm_bound)
+                    update_norm_bound=cfg.run.update_norm_bound, downlink=downlink)
 
     def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               first_round: int = 1, timeout: float = 3600.0,
@@ -191,7 +205,7 @@ class LoRAFedAvg(FedAvg):
         scalars become Python numbers, a mixed int/float list becomes floats, and a value
         neither record can hold is kept as its JSON text."""
         stats = self.round_stats.pop(server_round, {})
-        numbers: dict[str, Any] = {"num_clients": 0, "uplink_bytes": 0}
+        numbers: dict[str, Any] = {"num_clients": 0, "uplink_bytes": 0, "downlink_bytes": 0}
         text: dict[str, Any] = {}
         for key, value in stats.items():
             if key == "sampled":
@@ -294,7 +308,8 @@ class LoRAFedAvg(FedAvg):
     def round_plan(self, server_round: int, node_id: int) -> RoundPlan:
         """What this node is told this round (:class:`strategies.messages.RoundPlan`);
         subclasses add their per-node values (ratio, bandwidth share, sketch size)."""
-        return RoundPlan(server_round=server_round, client_key=self.client_key(node_id))
+        return RoundPlan(server_round=server_round, client_key=self.client_key(node_id),
+                         downlink_base=self._bases.get(node_id))
 
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """The TRAIN message's ConfigRecord: ``config`` (the ``train_config`` of :meth:`start`,
@@ -313,10 +328,11 @@ class LoRAFedAvg(FedAvg):
         chosen = self.prepare_round(server_round, node_ids, all_ids)
         send = node_ids if chosen is None else [nid for nid in node_ids if nid in set(chosen)]
         self._sent = set(send)
+        records = self.downlink_records(server_round, arrays, send)
         return [
             Message(
                 content=RecordDict(
-                    {self.arrayrecord_key: arrays,
+                    {self.arrayrecord_key: records[nid],
                      self.configrecord_key: self.node_config(server_round, nid, config)}
                 ),
                 message_type=MessageType.TRAIN,
@@ -325,6 +341,37 @@ class LoRAFedAvg(FedAvg):
             )
             for nid in send
         ]
+
+    def downlink_records(self, server_round: int, arrays: ArrayRecord, send: list[int]
+                         ) -> dict[int, ArrayRecord]:
+        """The ArrayRecord each node receives, and ``downlink_bytes`` (what they weigh, as
+        Flower counts them), ``dense_downlink_bytes`` (the whole global model to each) and
+        ``downlink_full`` (nodes sent a whole model) for the round's metrics."""
+        stats = self.round_stats.setdefault(server_round, {})
+        full_bytes = int(arrays.count_bytes())
+        self._bases = {}
+        if self.downlink is None:
+            stats.update(downlink_bytes=full_bytes * len(send),
+                         dense_downlink_bytes=full_bytes * len(send), downlink_full=len(send))
+            return {nid: arrays for nid in send}
+        self.downlink.advance(server_round, self.global_arrays)
+        self._residual = self.downlink.residual(self.global_arrays)
+        full = to_record(self.downlink.reference)
+        full_ref = int(full.count_bytes())
+        by_sync: dict[int | None, tuple[ArrayRecord, int | None]] = {}
+        records: dict[int, ArrayRecord] = {}
+        total = 0
+        for nid in send:
+            last = self._synced.get(nid)
+            if last not in by_sync:
+                out = self.downlink.outgoing(last, full_ref,
+                                             nbytes=lambda p: int(to_record(p).count_bytes()))
+                by_sync[last] = (full if out.base is None else to_record(out.arrays), out.base)
+            records[nid], self._bases[nid] = by_sync[last]
+            total += int(records[nid].count_bytes())
+        stats.update(downlink_bytes=total, dense_downlink_bytes=full_bytes * len(send),
+                     downlink_full=sum(b is None for b in self._bases.values()))
+        return records
 
     # -- aggregation ----------------------------------------------------------------------
     def reply_layout(self, server_round: int, node_id: int) -> ReplyLayout:
@@ -335,8 +382,13 @@ class LoRAFedAvg(FedAvg):
 
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:
-        """Validate one reply and return the arrays to aggregate (dense: the full factors)."""
+        """Validate one reply and return the arrays to aggregate (dense: the full factors; with a
+        compressed downlink the client trained from the broadcast model, so the broadcast's
+        unsent residual x - xh is added back)."""
         check_like(self.global_arrays, arrays, what=f"reply of node {node_id}")
+        if self._residual is not None:
+            return {k: (np.asarray(v, np.float32) + self._residual[k]).astype(np.float32)
+                    for k, v in arrays.items()}
         return arrays
 
     def distance(self, arrays: dict[str, np.ndarray]) -> float:
@@ -457,6 +509,8 @@ class LoRAFedAvg(FedAvg):
                 continue
             seen.add(nid)
             received += 1
+            if self.downlink is not None:  # it applied this round's broadcast and trained
+                self._synced[nid] = server_round
             try:
                 uplink += sum(int(r.count_bytes()) for r in msg.content.array_records.values())
             except Exception:  # noqa: BLE001, S110 - a record we cannot size is dropped below

@@ -61,6 +61,9 @@ class RoundPlan:
     sketch_size: int | None = field(default=None, metadata={"key": "sketch-size"})    # k_n
     bandwidth_share: float | None = field(default=None, metadata={"key": "bandwidth-share"})
     channel_gain: float | None = field(default=None, metadata={"key": "channel-gain"})
+    # compressed downlink: the round of the reference the sent change applies to (None: the
+    # arrays are the whole model)
+    downlink_base: int | None = field(default=None, metadata={"key": "downlink-base"})
 
     def __post_init__(self) -> None:
         _int("server-round", self.server_round, 0)
@@ -76,6 +79,11 @@ class RoundPlan:
             _float("bandwidth-share", self.bandwidth_share, 0.0, 1.0)
         if self.channel_gain is not None:
             _float("channel-gain", self.channel_gain, 0.0)
+        if self.downlink_base is not None:
+            _int("downlink-base", self.downlink_base, 0)
+            if self.downlink_base >= self.server_round:
+                raise MessageError(f"downlink-base = {self.downlink_base}: must be before "
+                                   f"server-round = {self.server_round}")
 
     def to_values(self) -> dict[str, Scalar]:
         return {f.metadata["key"]: getattr(self, f.name) for f in fields(self)
