@@ -90,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         """Server-side evaluation of the global adapter (and its SOFT scores, for calibration)."""
         lora.from_arrays(work.model, to_numpy(arrays))
         append_scores(run.dir, server_round, layer_scores(work.model))
-        loss, acc, _ = evaluate(work.model, test, device)
+        loss, acc, _ = evaluate(work.runner, test, device)
         work.model.cpu()
         return MetricRecord({"accuracy": acc, "loss": loss})
 

@@ -62,7 +62,7 @@ def local_round(
     t0 = time.perf_counter()
     with sketched_training(work.model, indices) if indices is not None else nullcontext():
         result = train_local(
-            work.model,
+            work.runner,
             loader,
             epochs=cfg.training.local_epochs,
             steps=cfg.training.local_steps,

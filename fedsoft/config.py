@@ -215,6 +215,13 @@ class TrainingSection:
         "comma-separated non-negative block indices",
         help="comma-separated block indices to adapt ('' = the model spec's default)",
     )
+    frozen_prefix: str = opt(
+        "off",
+        *_choice("off", "cache"),
+        help="cache: compute the outputs of the blocks below the lowest LoRA block once per "
+        "example and train / evaluate only the blocks above (BERT-family text models; set "
+        "lora-layers to upper blocks) | off",
+    )
     local_epochs: int = opt(1, _positive, ">= 1", help="local epochs (used when local-steps = 0)")
     local_steps: int = opt(
         20,

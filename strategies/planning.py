@@ -145,7 +145,7 @@ def sketch_pilot(cfg: ConfigLike, grid: Grid, work, test, device, system, sizes,
 
         def pilot_eval(server_round: int, arrays: ArrayRecord, losses=losses) -> MetricRecord:
             lora.from_arrays(work.model, to_numpy(arrays))
-            loss, acc, _ = evaluate(work.model, test, device)
+            loss, acc, _ = evaluate(work.runner, test, device)
             work.model.cpu()
             losses[server_round] = loss
             return MetricRecord({"accuracy": acc, "loss": loss})

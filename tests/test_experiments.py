@@ -197,7 +197,7 @@ def test_fig3ab_series_average_seeds_and_bytes_to_target(tmp_path):
 
 def test_target_not_reached_and_round0_counts_as_zero_bytes():
     rows = _rows([0.5, 0.4, 0.45])
-    assert plots.to_target(rows, 0.5) == {"bytes": 0, "round": 0, "sim_s": None}
+    assert plots.to_target(rows, 0.5) == {"bytes": 0, "both_bytes": 0, "round": 0, "sim_s": None}
     clocked = _rows([0.5, 0.6], sim_wallclock_s=[None, 3.0])
     assert plots.to_target(clocked, 0.5)["sim_s"] == 0.0
     assert plots.to_target(clocked, 0.55)["sim_s"] == 3.0

@@ -28,7 +28,7 @@ pos_mode   uint8              one per layer: 0 = uint16 within-row indices, 1 = 
                               4 = Rice-coded gaps of the flat positions
                               (:mod:`fedsoft.compression.positions`)
 idx        uint16             within-row positions of the index-mode layers, concatenated;
-                              present iff some layer has ``pos_mode == 0``
+                              present iff the ``pos_mode == 0`` layers keep some entry
 bmp        uint8              ``np.packbits`` of each bitmap-mode layer's flattened mask, each
                               layer padded with zero bits to a whole byte; present iff some
                               layer has ``pos_mode == 1``
@@ -265,7 +265,7 @@ def encode(
     }
     if scales is not None:
         payload[SCALE] = scales
-    if MODE_INDEX in modes:
+    if MODE_INDEX in modes and sum(p.size for p in idx_parts):
         payload[IDX] = np.concatenate(idx_parts)
     if MODE_BITMAP in modes:
         payload[BMP] = np.concatenate(bmp_parts)
@@ -385,7 +385,7 @@ def _check_modes(payload: Mapping[str, np.ndarray], specs: list[Spec]) -> np.nda
                 f"index mode (0) for layer {i} ({s.name!r}) with d + k = {s.row_len} "
                 f"> {_MAX_INDEX_ROW}",
             )
-    for key, mode in ((IDX, MODE_INDEX), (BMP, MODE_BITMAP), (RICE, MODE_RICE)):
+    for key, mode in ((BMP, MODE_BITMAP), (RICE, MODE_RICE)):  # idx: see _check_idx
         used = bool((modes == mode).any())
         if used and key not in payload:
             raise _fail(key, f"missing payload key although pos_mode uses mode {mode}")
@@ -439,8 +439,13 @@ def _check_idx(
 ) -> dict[int, np.ndarray]:
     """Validate ``idx``; return the mask of each index-mode layer."""
     layers = [i for i, m in enumerate(modes) if m == MODE_INDEX]
-    if not layers:
-        return {}
+    total = sum(int(cnt[i].sum()) for i in layers)
+    if total == 0:  # no index-mode entries: no idx array (an empty one would cost framing)
+        if IDX in payload:
+            raise _fail(IDX, "unexpected payload key: the index-mode layers keep no entry")
+        return {i: np.zeros((specs[i].r, specs[i].row_len), dtype=bool) for i in layers}
+    if IDX not in payload:
+        raise _fail(IDX, "missing payload key although pos_mode uses mode 0")
     seg_counts = [cnt[i] for i in layers]
     row_counts = np.concatenate(seg_counts)  # per row of the index-mode layers, stacked
     row_lens = np.concatenate([np.full(specs[i].r, specs[i].row_len) for i in layers])

@@ -94,8 +94,10 @@ class SparseSettings:
 
 
 def head_keep(spec: RowsSpec, head_sparsity: float) -> int:
-    """Head entries sent per round: ``round((1 - head-sparsity) * size)``."""
-    return int(round((1.0 - check_sparsity(head_sparsity, "head-sparsity")) * spec.size))
+    """Head entries sent per round: ``round((1 - head-sparsity) * size)``, at least one (a
+    tensor that never sends would only grow its error memory)."""
+    keep = int(round((1.0 - check_sparsity(head_sparsity, "head-sparsity")) * spec.size))
+    return max(keep, 1)
 
 
 def topk_mask(x: torch.Tensor, keep: int) -> torch.Tensor:
@@ -251,17 +253,22 @@ def decode_update(
     return {k: out[k] for k in global_arrays}
 
 
-def _position_bytes(size: int, rows: int, row_len: int, kept: int, rice: bool) -> float:
+def _position_bytes(size: int, rows: int, row_len: int, kept: int, rice: bool
+                    ) -> tuple[float, int | None]:
     """Planned position bytes of one layer as :func:`codec.encode` chooses them, plus its
-    counts (one per row, or one for a Rice layer)."""
+    counts (one per row, or one for a Rice layer), and the position mode (None: no positions
+    array is needed)."""
     if kept == size:
-        return 2 * rows
-    options: list[float] = [-(-size // 8) + 2 * rows]
+        return 2 * rows, None
+    if kept == 0 and row_len <= 1 << 16:
+        return 2 * rows, None  # index mode with nothing to index: no idx array
+    options: dict[int, float] = {codec.MODE_BITMAP: -(-size // 8) + 2 * rows}
     if row_len <= 1 << 16:
-        options.append(2 * kept + 2 * rows)
+        options[codec.MODE_INDEX] = 2 * kept + 2 * rows
     if rice:
-        options.append(positions.rice_expected_bytes(size, kept) + 2)
-    return min(options)
+        options[codec.MODE_RICE] = positions.rice_expected_bytes(size, kept) + 2
+    mode = min(options, key=options.__getitem__)
+    return options[mode], mode
 
 
 def estimate_payload_bytes(
@@ -292,11 +299,17 @@ def estimate_payload_bytes(
     rows = sum(b[1] for b in blocks)
     if quantize.scaled(dtype):
         total += 4 * rows
-    total += sum(2 * r if seeded else _position_bytes(size, r, row_len, n, True)
-                 for size, r, row_len, n, seeded in blocks)
+    modes: set[int] = set()
+    for size, r, row_len, n, seeded in blocks:
+        if seeded:
+            total += 2 * r
+            continue
+        nbytes, mode = _position_bytes(size, r, row_len, n, True)
+        total += nbytes
+        if mode is not None:
+            modes.add(mode)
     total += len(blocks)  # pos_mode
-    explicit = [b for b in blocks if not b[4] and b[3] < b[0]]
-    n_arrays = 3 + (1 if quantize.scaled(dtype) else 0) + (1 if explicit else 0)
+    n_arrays = 3 + (1 if quantize.scaled(dtype) else 0) + len(modes)
     if not sparse_head:
         total += quantize.values_nbytes(sum(h.size for h in hspecs), dtype)
         n_arrays += len(hspecs)

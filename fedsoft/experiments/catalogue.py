@@ -298,6 +298,46 @@ def figb_het_runs(scale: str) -> list[RunSpec]:
     return [RunSpec(m, m, "", {**base, **modes[m]}, seed_overrides=het) for m in HET_SKETCH[scale]]
 
 
+# ----------------------------------------------------------------------------- issue 16 figures
+# wire-90 / wire-99: every sparsifier at rho = 0.9 / 0.99 with float32 and int8 values, dense
+# LoRA as the reference, 30 rounds; wire-defaults: SOFT at rho = 0.9 (int8) with and without a
+# sparse head and a compressed downlink, the measurement behind those two defaults. Made cheap
+# enough for 2 CPU cores: LoRA on the upper two of MiniLM's six blocks with the lower blocks'
+# outputs cached (frozen-prefix), 32 tokens, 5 local steps, 200 test examples.
+WIRE = {  # on top of base_overrides(scale)
+    "ci": {"local-steps": 2, "lora-layers": "4,5", "frozen-prefix": "cache"},
+    "cpu": {"num-server-rounds": 30, "local-steps": 5, "max-test-examples": 200,
+            "max-length": 32, "lora-layers": "4,5", "frozen-prefix": "cache", "lr": 0.005},
+    "gpu": {"num-server-rounds": 100},
+}
+WIRE_METHODS = {"ci": ("soft", "dense"), "cpu": SPARSIFIERS, "gpu": SPARSIFIERS}
+WIRE_QUANT = "int8"
+
+
+def _wire_runs(scale: str, rho: float) -> list[RunSpec]:
+    base = {**base_overrides(scale), **WIRE[scale]}
+    runs = []
+    for m in WIRE_METHODS[scale]:
+        if m == "dense":
+            runs.append(RunSpec("dense", "dense", f"rho = {rho:g}", {**base,
+                                                                    "sparsifier": "dense"}))
+            continue
+        sparse = {**_sparse(m, scale), "sparsity": rho}
+        runs.append(RunSpec(m, m, f"rho = {rho:g}", {**base, **sparse}))
+        runs.append(RunSpec(f"{m}-{WIRE_QUANT}", f"{m} {WIRE_QUANT}", f"rho = {rho:g}",
+                            {**base, **sparse, "wire-dtype": WIRE_QUANT}))
+    return runs
+
+
+def wire_defaults_runs(scale: str) -> list[RunSpec]:
+    """SOFT at rho = 0.9, int8 values: head-sparsity 0 / 0.9 x downlink-sparsity 0 / 0.9."""
+    base = {**base_overrides(scale), **WIRE[scale], **_sparse("soft", scale), "sparsity": 0.9,
+            "wire-dtype": WIRE_QUANT}
+    return [RunSpec(f"head{h:g}-down{d:g}", f"head {h:g}, downlink {d:g}", "",
+                    {**base, "head-sparsity": h, "downlink-sparsity": d})
+            for h in (0.0, 0.9) for d in (0.0, 0.9)]
+
+
 FIG2 = {  # d = k; "rank" sweep at fixed d, "size" sweep at fixed r
     "ci": {"d_fixed": 64, "ranks": [2, 4, 8], "r_fixed": 4, "sizes": [32, 64, 128],
            "layers": 1, "repeats_soft": 7, "repeats_svd": 7, "sparsity": SPARSITY,
@@ -326,6 +366,14 @@ EXPERIMENTS: dict[str, Experiment] = {
                              "realistic channel with the outage rule", fig3c_long_runs),
     "figB-het": Experiment("figB-het", "Paper B, 10x compute spread + 8 dB shadowing: "
                            "accuracy vs simulated wall-clock", figb_het_runs),
+    "wire-90": Experiment("wire-90", "Sparsifiers at rho = 0.9, float32 and int8 values: "
+                          "accuracy vs rounds and vs bytes (both directions)",
+                          lambda s: _wire_runs(s, 0.9)),
+    "wire-99": Experiment("wire-99", "Sparsifiers at rho = 0.99, float32 and int8 values: "
+                          "accuracy vs rounds and vs bytes (both directions)",
+                          lambda s: _wire_runs(s, 0.99)),
+    "wire-defaults": Experiment("wire-defaults", "SOFT at rho = 0.9, int8: sparse head and "
+                                "compressed downlink on / off", wire_defaults_runs),
 }
 
 

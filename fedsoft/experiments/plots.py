@@ -45,7 +45,38 @@ CURVES: dict[str, tuple[str, list[tuple[str, str, bool]]]] = {
                              ("sparsity", "sparsification ratio rho", False),
                              ("latency_avg_s", "realised average latency [s]", False)]),
     "figB-het": ("sim_wallclock_s", [("accuracy", "test accuracy", False)]),
+    # issue 16: accuracy against rounds and against cumulative bytes in both directions
+    "wire-90": ("round", [("accuracy", "test accuracy", False),
+                          ("accuracy", "test accuracy", False, "cum_mb")]),
+    "wire-99": ("round", [("accuracy", "test accuracy", False),
+                          ("accuracy", "test accuracy", False, "cum_mb")]),
+    "wire-defaults": ("round", [("accuracy", "test accuracy", False),
+                                ("accuracy", "test accuracy", False, "cum_mb")]),
 }
+XLABELS = {"round": "round", "sim_wallclock_s": "simulated wall-clock [s]",
+           "cum_mb": "cumulative bytes, uplink + downlink [MB]"}
+
+
+def _curve_specs(name: str) -> tuple[str, list[tuple[str, str, bool, str, str]]]:
+    """(figure x, [(y, y label, log-y, x, panel key)]): a curve may override the x; its panel
+    key is ``y`` for the figure's x and ``y@x`` otherwise."""
+    x, ys = CURVES.get(name, ("round", [("accuracy", "test accuracy", False)]))
+    out = []
+    for entry in ys:
+        y, lab, logy = entry[:3]
+        cx = entry[3] if len(entry) > 3 else x
+        out.append((y, lab, logy, cx, y if cx == x else f"{y}@{cx}"))
+    return x, out
+
+
+def with_cumulative(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows plus ``cum_mb``: uplink + downlink bytes of rounds 0..t, in MB (10^6 bytes)."""
+    total = 0
+    out = []
+    for r in metrics:
+        total += int(r.get("uplink_bytes", 0) or 0) + int(r.get("downlink_bytes", 0) or 0)
+        out.append({**r, "cum_mb": total / 1e6})
+    return out
 
 
 def experiment_name(exp_dir: Path) -> str:
@@ -76,7 +107,7 @@ def load_runs(exp_dir: Path) -> list[dict[str, Any]]:
         metrics = exp_dir / row["run_dir"] / "metrics.jsonl"
         if not metrics.is_file():
             continue
-        out.append({**row, "metrics": read_jsonl(metrics)})
+        out.append({**row, "metrics": with_cumulative(read_jsonl(metrics))})
     return out
 
 
@@ -186,9 +217,9 @@ def figure_series(exp_dir: Path) -> dict[str, Any]:
     if name == "fig2":
         return {"experiment": name, "timings": timing_series(exp_dir)}
     runs = load_runs(exp_dir)
-    x, ys = CURVES.get(name, ("round", [("accuracy", "test accuracy", False)]))
+    x, specs = _curve_specs(name)
     out: dict[str, Any] = {"experiment": name, "x": x,
-                           "panels": {y: curves(runs, x, y) for y, _, _ in ys}}
+                           "panels": {key: curves(runs, cx, y) for y, _, _, cx, key in specs}}
     if name == "fig4":
         out["gram"] = gram_series(exp_dir, runs)
     return out
@@ -199,14 +230,16 @@ def figure_series(exp_dir: Path) -> dict[str, Any]:
 
 def to_target(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     """Uplink bytes summed over rounds 1..t, t = the first round with accuracy >= target (round
-    0, the initial model, counts with 0 bytes); plus t and the simulated clock when logged."""
-    sent = 0
+    0, the initial model, counts with 0 bytes), the same with the downlink (``both_bytes``);
+    plus t and the simulated clock when logged."""
+    sent = both = 0
     clock = any("sim_wallclock_s" in r for r in rows)  # sketch runs (paper B) only
     for r in rows:
         sent += int(r.get("uplink_bytes", 0) or 0)
+        both += int(r.get("uplink_bytes", 0) or 0) + int(r.get("downlink_bytes", 0) or 0)
         if r.get("accuracy") is not None and r["accuracy"] >= target - 1e-9:  # float slack
             sim = r.get("sim_wallclock_s", 0.0 if r["round"] == 0 else None) if clock else None
-            return {"bytes": sent, "round": int(r["round"]), "sim_s": sim}
+            return {"bytes": sent, "both_bytes": both, "round": int(r["round"]), "sim_s": sim}
     return None
 
 
@@ -296,6 +329,11 @@ def summary(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> list[dic
             "reference": ref_name, "target_acc": target, "target_frac": target_frac,
             "reached": len(reached),
             "bytes_to_target": statistics.fmean(h["bytes"] for h in reached) if reached else None,
+            "both_bytes_to_target": (statistics.fmean(h["both_bytes"] for h in reached)
+                                     if reached else None),
+            "total_bytes": statistics.fmean(
+                sum(int(m.get("uplink_bytes", 0) or 0) + int(m.get("downlink_bytes", 0) or 0)
+                    for m in r["metrics"]) for r in rs),
             "rounds_to_target": statistics.fmean(h["round"] for h in reached) if reached else None,
             "sim_s_to_target": statistics.fmean(sims) if sims else None,
             "wall_s": sum(float(r.get("wall_s") or 0.0) for r in rs),
@@ -324,6 +362,9 @@ def markdown(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> str:
     paired = any(r["delta_vs_ref"] is not None and r["paired_seeds"] > 1 for r in rows)
     if paired:
         head.append("final acc - ref, paired by seed")
+    both = any(r["total_bytes"] > r["uplink_bytes_total"] for r in rows)
+    if both:
+        head += ["up + down total MB", "up + down MB to target"]
     extra = EXTRA_COLUMNS.get(experiment_name(Path(exp_dir)), [])
     head += [label for _, label in extra]
     head.append("run wall s")
@@ -345,6 +386,8 @@ def markdown(exp_dir: Path, target_frac: float = DEFAULT_TARGET_FRAC) -> str:
             d = r["delta_vs_ref"]
             cells.append("-" if d is None or r["paired_seeds"] < 2 else
                          f"{d[0]:+.4f} ± {d[1]:.4f} ({r['paired_seeds']} seeds)")
+        if both:
+            cells += [f"{r['total_bytes'] / 1e6:.3f}", _mb(r["both_bytes_to_target"])]
         for key, _ in extra:
             v = r["extra"].get(key)
             cells.append("-" if v is None else f"{v[0]:.4g}" + (f" ± {v[1]:.2g}" if r["seeds"] > 1
@@ -419,11 +462,9 @@ def draw(exp_dir: Path, out: Path | None = None) -> Path:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
     else:
-        x = data["x"]
-        xlabel = "simulated wall-clock [s]" if x == "sim_wallclock_s" else "round"
-        ys = CURVES.get(name, ("round", [("accuracy", "test accuracy", False)]))[1]
-        cells = [(y, lab, logy, p) for y, lab, logy in ys
-                 for p in sorted(data["panels"][y], key=natural_key)]
+        _, specs = _curve_specs(name)
+        cells = [(key, lab, logy, p, cx) for _, lab, logy, cx, key in specs
+                 for p in sorted(data["panels"][key], key=natural_key)]
         gram = data.get("gram", {})
         if gram:  # fig4: one row of heat maps (Bᵀ B, A Aᵀ) per series, curves on the right
             nrows = len(gram)
@@ -446,11 +487,13 @@ def draw(exp_dir: Path, out: Path | None = None) -> Path:
                                           figsize=(max(4.6 * len(cells), 7.0), 3.8),
                                           squeeze=False)
             axes = list(grid_axes[0])
-        for ax, (y, lab, logy, panel) in zip(axes, cells, strict=False):
+        for ax, (y, lab, logy, panel, cx) in zip(axes, cells, strict=False):
             _plot_curves(ax, data["panels"][y][panel], logy)
-            ax.set_xlabel(xlabel)
+            ax.set_xlabel(XLABELS.get(cx, cx))
             ax.set_ylabel(lab)
-            if x == "round":
+            if cx == "cum_mb":
+                ax.set_xscale("log")
+            if cx == "round":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if panel:
                 ax.set_title(panel)

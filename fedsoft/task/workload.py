@@ -10,7 +10,7 @@ import torch
 
 from fedsoft.config import ConfigLike, RunConfig, parse_int_list, parse_list
 from fedsoft.logs import log
-from fedsoft.task import data
+from fedsoft.task import data, prefix
 from fedsoft.task import partition as partitioning
 from fedsoft.task.collate import make_collate, make_loader
 from fedsoft.task.models import ModelSpec, build_model, get_spec, load_preprocessor
@@ -18,16 +18,23 @@ from fedsoft.task.models import ModelSpec, build_model, get_spec, load_preproces
 
 @dataclass
 class Workload:
-    """A LoRA-wrapped model plus the collate function that feeds it."""
+    """A LoRA-wrapped model plus the collate function that feeds it; ``runner`` is what the
+    loaders' batches are fed to (the model, or its upper blocks with ``frozen-prefix``)."""
 
     spec: ModelSpec
     model: torch.nn.Module
     collate: Any
     num_classes: int
+    runner: torch.nn.Module | None = None
+    prefix_start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = self.model
 
 
 _MODEL_KEYS = ("model", "dataset", "lora-rank", "lora-alpha", "lora-target-modules",
-               "lora-layers", "seed", "max-length", "image-size")
+               "lora-layers", "seed", "max-length", "image-size", "frozen-prefix")
 _CACHE: dict[tuple, Workload] = {}
 
 
@@ -66,7 +73,11 @@ def build_workload(cfg: ConfigLike) -> Workload:
             image_mean=tuple(pre.image_mean), image_std=tuple(pre.image_std),
         )
     work = Workload(spec, model, collate, dspec.num_classes)
+    if cfg.training.frozen_prefix == "cache":
+        start = prefix.first_lora_block(model)
+        work.runner, work.prefix_start = prefix.PrefixModel(model, start), start
     _CACHE.clear()
+    prefix.clear_cache()
     _CACHE[key] = work
     return work
 
@@ -75,6 +86,7 @@ def clear_cache() -> None:
     """Forget the cached model, so the next :func:`build_workload` builds a fresh one from the
     seed (e.g. after the calibration pilot trained the cached instance)."""
     _CACHE.clear()
+    prefix.clear_cache()
 
 
 def splits(cfg: ConfigLike):
@@ -102,14 +114,27 @@ def train_loader(cfg: ConfigLike, work: Workload, partition_id: int, num_partiti
         dirichlet_alpha=cfg.partitioning.dirichlet_alpha,
         shards_per_client=cfg.partitioning.shards_per_client,
     )
+    seed = cfg.run.seed * 100_003 + round_seed
+    if work.prefix_start:
+        key = ("train", cfg.training.dataset, cfg.training.max_train_examples,
+               cfg.partitioning.partitioner, cfg.partitioning.dirichlet_alpha,
+               cfg.partitioning.shards_per_client, cfg.run.seed, num_partitions, partition_id)
+        return prefix.cached_loader(key, work.model, work.prefix_start, part, work.collate,
+                                    cfg.training.max_length, cfg.training.batch_size,
+                                    shuffle=True, seed=seed), len(part)
     return make_loader(part, work.collate, cfg.training.batch_size, shuffle=True,
-                       seed=cfg.run.seed * 100_003 + round_seed), len(part)
+                       seed=seed), len(part)
 
 
 def test_loader(cfg: ConfigLike, work: Workload):
     """Loader over the held-out test split, for server-side evaluation."""
     cfg = RunConfig.coerce(cfg)
     _, test = splits(cfg)
+    if work.prefix_start:
+        key = ("test", cfg.training.dataset, cfg.training.max_test_examples, cfg.run.seed)
+        return prefix.cached_loader(key, work.model, work.prefix_start, test, work.collate,
+                                    cfg.training.max_length, cfg.training.eval_batch_size,
+                                    shuffle=False, seed=0)
     return make_loader(test, work.collate, cfg.training.eval_batch_size, shuffle=False, seed=0)
 
 
