@@ -40,6 +40,7 @@ from fedsoft.compression.positions import (
     rice_encode,
     rice_expected_bytes,
     rice_nbytes,
+    varint_nbytes,
 )
 from fedsoft.compression.quantize import (
     QuantError,
@@ -57,6 +58,33 @@ FLOAT_DTYPES = tuple(d for d in WIRE_DTYPES if d not in INT_DTYPES)
 LEVELS = {"int8": 127, "int4": 7}  # the documented symmetric code range -L..L
 POSITION_KEYS = (CNT, IDX, BMP, RICE)
 FLIP = 0x80  # high bit of a segment's first byte: the segment codes the dropped positions
+
+
+def leb128(value: int) -> list[int]:
+    """``value`` as an unsigned LEB128 varint (7 bits a byte, low first, high bit = more)."""
+    out = []
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return out
+
+
+def read_leb128(data: np.ndarray, at: int) -> tuple[int, int]:
+    """(value, bytes) of the unsigned LEB128 varint at byte ``at``."""
+    value = 0
+    for i in range(at, data.size):
+        value |= (int(data[i]) & 0x7F) << (7 * (i - at))
+        if not data[i] & 0x80:
+            return value, i + 1 - at
+    raise AssertionError("unterminated varint")
+
+
+def with_count(seg: np.ndarray, count: int, at: int = 0) -> np.ndarray:
+    """The segment starting at byte ``at`` with its count varint replaced by ``count``."""
+    _, width = read_leb128(seg, at + 1)
+    return np.concatenate([seg[:at + 1], np.array(leb128(count), np.uint8),
+                           seg[at + 1 + width:]]).astype(np.uint8)
 
 
 def random_positions(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -88,7 +116,8 @@ def check_round_trip(pos: np.ndarray, n: int) -> np.ndarray:
     assert enc.size == rice_nbytes(pos, n)
     assert bool(enc[0] & FLIP) == (2 * pos.size > n)  # the complement side above half density
     assert int(enc[0] & 0x7F) <= MAX_RICE_PARAM
-    out = rice_decode(enc, pos.size, n)
+    assert read_leb128(enc, 1) == (pos.size, varint_nbytes(pos.size))  # the kept count, always
+    out = rice_decode(enc, n)
     assert out.dtype.kind in "iu"
     np.testing.assert_array_equal(out, pos)
     return enc
@@ -116,17 +145,33 @@ def test_rice_round_trip_edge_densities(n: int) -> None:
     check_round_trip(np.arange(0, n, 2, dtype=np.int64), n)  # every other entry
 
 
-def test_rice_empty_and_full_segments_are_one_byte() -> None:
-    for n in (1, 5, 4096):
+def test_rice_empty_and_full_segments_are_header_and_count() -> None:
+    for n in (1, 5, 127, 128, 4096, 16383, 16384):
         empty = rice_encode(np.zeros(0, np.int64), n)
         full = rice_encode(np.arange(n), n)
-        assert empty.size == full.size == rice_nbytes(np.arange(n), n)
+        assert empty.tolist() == [empty[0], 0] and empty.size == rice_nbytes(np.zeros(0), n)
+        assert full.size == 1 + varint_nbytes(n) == rice_nbytes(np.arange(n), n)
+        assert full[1:].tolist() == leb128(n)
         assert not empty[0] & FLIP and full[0] & FLIP
-        assert rice_decode(empty, 0, n).size == 0
-        np.testing.assert_array_equal(rice_decode(full, n, n), np.arange(n))
-        assert rice_expected_bytes(n, 0) == rice_expected_bytes(n, n) == empty.size
+        assert rice_decode(empty, n).size == 0
+        np.testing.assert_array_equal(rice_decode(full, n), np.arange(n))
+        assert rice_expected_bytes(n, 0) == empty.size
+        assert rice_expected_bytes(n, n) == full.size
     zero = rice_encode(np.zeros(0, np.int64), 0)  # empty universe
-    assert rice_decode(zero, 0, 0).size == 0
+    assert zero.size == 2 and rice_decode(zero, 0).size == 0
+
+
+def test_varint_nbytes_matches_the_encoded_count() -> None:
+    for value in (0, 1, 127, 128, 300, 16383, 16384, 2**21 - 1, 2**21, 2**28 - 1, 2**28,
+                  2**35 - 1):
+        assert varint_nbytes(value) == len(leb128(value)), value
+    assert [varint_nbytes(2**(7 * j)) for j in range(5)] == [1, 2, 3, 4, 5]
+    rng = np.random.default_rng(0)
+    for n, k in ((300, 200), (20000, 130), (20000, 17000), (70000, 16384)):
+        pos = random_positions(rng, n, k)
+        enc = rice_encode(pos, n)
+        assert read_leb128(enc, 1) == (k, varint_nbytes(k))
+        np.testing.assert_array_equal(rice_decode(enc, n), pos)
 
 
 def test_rice_reader_reads_concatenated_segments() -> None:
@@ -137,11 +182,11 @@ def test_rice_reader_reads_concatenated_segments() -> None:
     reader = RiceReader(np.concatenate(segments))
     ends = np.cumsum([s.size for s in segments])
     for (n, p), end in zip(cases, ends, strict=True):
-        np.testing.assert_array_equal(reader.read(p.size, n, "f"), p)
+        np.testing.assert_array_equal(reader.read(n, "f"), p)
         assert reader.offset == end
     reader.finish("f")
     with pytest.raises(PositionError, match="f: segment starts at byte .* past the end"):
-        reader.read(0, 10, "f")
+        reader.read(10, "f")
 
 
 def test_rice_encode_rejects_bad_positions() -> None:
@@ -161,20 +206,23 @@ def test_rice_size_near_information_floor_and_expected_bytes() -> None:
             k = round(rho * n)
             pos = random_positions(rng, n, k)
             size = rice_encode(pos, n).size
-            floor = floor_bits(n, k) / 8 + 2
+            floor = floor_bits(n, k) / 8 + 2 + varint_nbytes(k)  # + the count itself
             assert size <= 1.05 * floor, (n, k, size, floor)
             expected = rice_expected_bytes(n, k)
             assert abs(expected - size) <= 0.03 * size, (n, k, size, expected)
 
 
 def test_rice_expected_bytes_is_symmetric_and_non_decreasing_below_half() -> None:
+    """Symmetric in k <-> n - k up to the count varint (the kept count is sent either way)."""
     n = 8192
     ks = np.arange(1, n // 2, 97)
     sizes = [rice_expected_bytes(n, int(k)) for k in ks]
     assert all(b >= a for a, b in zip(sizes, sizes[1:], strict=False))
     assert sizes[0] < sizes[-1]
-    for k in ks:
-        assert rice_expected_bytes(n, int(k)) == rice_expected_bytes(n, n - int(k))
+    for k in map(int, ks):
+        assert (rice_expected_bytes(n, k) - varint_nbytes(k)
+                == rice_expected_bytes(n, n - k) - varint_nbytes(n - k))
+    assert rice_expected_bytes(n, 1) + 1 == rice_expected_bytes(n, n - 1)  # 1 vs 2 count bytes
 
 
 def test_floor_bits_matches_log2_binomial() -> None:
@@ -201,9 +249,10 @@ def test_rice_non_zero_padding_bits_rejected(case, pick) -> None:
     enc = rice_encode(pos, n)
     low_bits, unary_bits, _ = segment_layout(pos, n, enc)
     low_bytes = -(-low_bits // 8)
-    assert enc.size == 1 + low_bytes + -(-unary_bits // 8)  # the layout of the docstring
-    pads = [8 + low_bits + j for j in range(8 * low_bytes - low_bits)]
-    pads += [8 * (1 + low_bytes) + unary_bits + j for j in range(-unary_bits % 8)]
+    head = 1 + varint_nbytes(pos.size)  # the parameter byte and the count varint
+    assert enc.size == head + low_bytes + -(-unary_bits // 8)  # the layout of the docstring
+    pads = [8 * head + low_bits + j for j in range(8 * low_bytes - low_bits)]
+    pads += [8 * (head + low_bytes) + unary_bits + j for j in range(-unary_bits % 8)]
     if not pads:
         event("no padding")
         return
@@ -212,7 +261,7 @@ def test_rice_non_zero_padding_bits_rejected(case, pick) -> None:
     bad[bit // 8] |= np.uint8(0x80 >> (bit % 8))
     with pytest.raises(PositionError, match=r"rice: non-zero padding bits after the "
                                             r"(low bits|unary code)"):
-        rice_decode(bad, pos.size, n)
+        rice_decode(bad, n)
 
 
 @settings(max_examples=40, deadline=None)
@@ -221,8 +270,9 @@ def test_rice_truncated_segment_rejected(case) -> None:
     n, pos = case
     enc = rice_encode(pos, n)
     for cut in range(enc.size):
-        with pytest.raises(PositionError, match=r"^rice: .*(past the end|ends before)"):
-            rice_decode(enc[:cut], pos.size, n)
+        with pytest.raises(PositionError,
+                           match=r"^rice: .*(past the end|ends before|varint .* truncated)"):
+            rice_decode(enc[:cut], n)
 
 
 @settings(max_examples=40, deadline=None)
@@ -231,41 +281,104 @@ def test_rice_trailing_bytes_rejected(case, extra, byte) -> None:
     n, pos = case
     data = np.concatenate([rice_encode(pos, n), np.full(extra, byte, np.uint8)])
     reader = RiceReader(data)
-    np.testing.assert_array_equal(reader.read(pos.size, n, "seg"), pos)
+    np.testing.assert_array_equal(reader.read(n, "seg"), pos)
     with pytest.raises(PositionError, match=f"seg: {extra} trailing bytes after the last segment"):
         reader.finish("seg")
     with pytest.raises(PositionError, match="rice: .*trailing bytes"):
-        rice_decode(data, pos.size, n)
+        rice_decode(data, n)
 
 
 def test_rice_hostile_segments_rejected() -> None:
     for head in (MAX_RICE_PARAM + 1, 0x7F, FLIP | (MAX_RICE_PARAM + 1)):
-        data = np.array([head, 0, 0, 0, 0, 0], np.uint8)
+        data = np.array([head, 1, 0, 0, 0, 0, 0], np.uint8)
         with pytest.raises(PositionError,
                            match=rf"rice: Rice parameter {head & 0x7F} at byte 0 > "
                                  rf"{MAX_RICE_PARAM}"):
-            rice_decode(data, 1, 100)
+            rice_decode(data, 100)
     # a single gap of 999 decoded among 500: the gap runs past the universe
     one = rice_encode(np.array([999]), 1000)
     with pytest.raises(PositionError, match="rice: gap 999 >= universe 500"):
-        rice_decode(one, 1, 500)
+        rice_decode(one, 500)
     # gaps each inside the universe whose sum is not
     two = rice_encode(np.array([300, 700]), 1000)
     with pytest.raises(PositionError, match=r"rice: position 700 out of range \[0, 600\)"):
-        rice_decode(two, 2, 600)
-    # b = 0 and the unary code 1110: quotient 3 in a universe of 3
+        rice_decode(two, 600)
+    # b = 0, count 1 and the unary code 1110: quotient 3 in a universe of 3
     with pytest.raises(PositionError, match="rice: gap quotient 3 >= 3"):
-        rice_decode(np.array([0, 0b11100000], np.uint8), 1, 3)
-    # counts outside [0, universe]
-    seg = rice_encode(np.array([1, 4]), 8)
-    for count in (9, 100, -1):
-        with pytest.raises(PositionError, match=rf"rice: count {count} not in \[0, 8\]"):
-            rice_decode(seg, count, 8)
+        rice_decode(np.array([0, 1, 0b11100000], np.uint8), 3)
     # far more codes than the unary stream holds
+    seg = rice_encode(np.array([5, 9, 40]), 1000)
     with pytest.raises(PositionError, match="rice: .*(past the end|ends before)"):
-        rice_decode(rice_encode(np.array([5, 9, 40]), 1000), 400, 1000)
+        rice_decode(with_count(seg, 400), 1000)
     with pytest.raises(PositionError, match="past the end"):
-        rice_decode(np.zeros(0, np.uint8), 0, 4)
+        rice_decode(np.zeros(0, np.uint8), 4)
+
+
+def test_rice_count_varint_outside_the_universe_rejected() -> None:
+    seg = rice_encode(np.array([1, 4]), 8)
+    full = rice_encode(np.arange(6), 8)  # the complement side: the count is still the kept one
+    assert full[0] & FLIP and read_leb128(full, 1) == (6, 1)
+    for base in (seg, full):
+        np.testing.assert_array_equal(rice_decode(with_count(base, read_leb128(base, 1)[0]), 8),
+                                      rice_decode(base, 8))
+        for count in (9, 100, 128, 300, 2**21, 2**35 - 1):
+            bad = with_count(base, count)
+            assert bad.size == base.size - 1 + varint_nbytes(count)
+            with pytest.raises(PositionError, match=rf"^rice: count {count} not in \[0, 8\]$"):
+                rice_decode(bad, 8)
+
+
+@pytest.mark.parametrize("varint", [
+    [],  # the segment ends after its parameter byte
+    [0x85],  # a continuation bit and nothing after it
+    [0x80, 0x80],
+    [0xFF, 0xFF, 0xFF, 0xFF],
+])
+def test_rice_truncated_count_varint_rejected(varint) -> None:
+    data = np.array([0, *varint], np.uint8)
+    with pytest.raises(PositionError,
+                       match=r"^rice: count varint at byte 1 is truncated or longer than 5 bytes$"):
+        rice_decode(data, 100)
+
+
+@pytest.mark.parametrize("varint", [
+    [0x80, 0x80, 0x80, 0x80, 0x80, 0x00],  # six bytes (a canonical one has at most five)
+    [0x81, 0x80, 0x80, 0x80, 0x80, 0x01],
+    [0xFF] * 7,
+])
+def test_rice_over_long_count_varint_rejected(varint) -> None:
+    data = np.array([0, *varint, 0, 0, 0], np.uint8)  # enough bytes after it
+    with pytest.raises(PositionError,
+                       match=r"^rice: count varint at byte 1 is truncated or longer than 5 bytes$"):
+        rice_decode(data, 100)
+
+
+@pytest.mark.parametrize("varint", [
+    [0x85, 0x00],  # 5 with a trailing zero continuation byte
+    [0x80, 0x00],  # 0 in two bytes
+    [0x82, 0x80, 0x00],  # 2 in three bytes
+    [0x80, 0x80, 0x80, 0x80, 0x00],  # 0 in five bytes
+])
+def test_rice_non_canonical_count_varint_rejected(varint) -> None:
+    value, width = read_leb128(np.array(varint, np.uint8), 0)
+    assert width == len(varint) > varint_nbytes(value)  # a valid LEB128 reading, just too long
+    canonical = rice_encode(np.arange(value), 100)
+    np.testing.assert_array_equal(rice_decode(canonical, 100), np.arange(value))
+    # the same segment with the count spelt out in more bytes
+    data = np.concatenate([canonical[:1], np.array(varint, np.uint8),
+                           canonical[1 + varint_nbytes(value):]]).astype(np.uint8)
+    with pytest.raises(PositionError, match=r"^rice: non-canonical count varint at byte 1$"):
+        rice_decode(data, 100)
+
+
+def test_rice_reader_names_the_varint_byte_of_a_later_segment() -> None:
+    first = rice_encode(np.array([3, 17, 40]), 64)
+    bad = np.concatenate([first, np.array([0, 0x83, 0x00], np.uint8)])
+    reader = RiceReader(bad)
+    np.testing.assert_array_equal(reader.read(64, "f"), [3, 17, 40])
+    with pytest.raises(PositionError, match=rf"^g: non-canonical count varint at byte "
+                                            rf"{first.size + 1}$"):
+        reader.read(64, "g")
 
 
 # ================================================================================ quantize
@@ -517,8 +630,12 @@ def check_wire_layout(layers, payload, dtype: str) -> None:
     modes = payload[POS_MODE].tolist()
     want_cnt = []
     for (_, _, m), mode in zip(layers, modes, strict=True):
-        want_cnt.extend([int(m.sum())] if mode == MODE_RICE else m.sum(axis=1).tolist())
-    assert payload[CNT].tolist() == want_cnt  # one count per Rice layer, else one per row
+        if mode != MODE_RICE:  # a Rice segment carries its own count
+            want_cnt.extend(m.sum(axis=1).tolist())
+    assert payload[CNT].tolist() == want_cnt  # one count per row of the non-Rice layers
+    wide = any(s.row_len > 65535 for (s, _, _), mode in zip(layers, modes, strict=True)
+               if mode != MODE_RICE)
+    assert payload[CNT].dtype == (np.uint32 if wide else np.uint16)
     assert payload[VALS].dtype == wire_array_dtype(dtype)
     kept = sum(int(m.sum()) for _, _, m in layers)
     assert payload[VALS].nbytes == values_nbytes(kept, dtype)
@@ -584,9 +701,11 @@ def test_position_mode_is_the_cheapest(case) -> None:
     bitmap = -(-spec.size // 8)
     index = 2 * kept if spec.row_len <= 1 << 16 else math.inf
     assert position_bytes(without) == min(bitmap, index) + spec.r * count_bytes
-    # with Rice: its segment plus a single count, taken only when strictly cheaper
-    rice_cost = rice_nbytes(np.flatnonzero(mask), spec.size) + with_rice[CNT].itemsize
+    # with Rice: its segment alone (it carries the count), taken only when strictly cheaper
+    rice_cost = rice_nbytes(np.flatnonzero(mask), spec.size)
     assert position_bytes(with_rice) == min(position_bytes(without), rice_cost)
+    if mode == MODE_RICE:
+        assert with_rice[CNT].size == 0 and with_rice[CNT].dtype == np.uint16
     assert (mode == MODE_RICE) == (rice_cost < position_bytes(without))
     assert payload_nbytes(with_rice) <= payload_nbytes(without)
     event(f"mode {mode}")
@@ -599,8 +718,9 @@ def test_position_mode_is_the_cheapest(case) -> None:
 def test_sparse_many_row_layer_takes_rice_single_entry_takes_index() -> None:
     rng = np.random.default_rng(4)
     sparse = make_layer(rng, LayerSpec("q", 16, 64, 64), "sparse")
-    single = make_layer(rng, RowsSpec("one", 1, 500), "empty")
-    single[2][0, 7] = True  # one kept entry in one row: indices are cheapest (2 bytes)
+    single = make_layer(rng, RowsSpec("one", 1, 5000), "empty")
+    single[2][0, 4321] = True  # one kept entry far into a long row: indices are cheapest
+    assert rice_nbytes(np.array([4321]), 5000) > 2 + 2  # 2 bytes of index + 2 of count
     layers = [sparse, single]
     payload = encode(layers, dtype="int8")
     assert payload[POS_MODE].tolist() == [MODE_RICE, MODE_INDEX]
@@ -608,15 +728,44 @@ def test_sparse_many_row_layer_takes_rice_single_entry_takes_index() -> None:
     assert payload_nbytes(payload) < payload_nbytes(encode(layers, dtype="int8", rice=False))
 
 
-@pytest.mark.xfail(reason="library bug: a Rice layer with r (d + k) > 65535 turns every count "
-                          "into uint32, which _choose_mode does not charge", strict=False)
 def test_rice_never_makes_the_payload_larger_with_uint32_counts() -> None:
+    """A Rice layer larger than 65535 entries takes no ``cnt`` entry, so no uint32 counts."""
     spec = RowsSpec("wide", 2, 40000)  # rows fit uint16 counts, the layer size does not
     mask = np.zeros((2, 40000), dtype=bool)
     mask[0, [5, 100, 2000]] = True
     mask[1, 7] = True
     layers = [(spec, mask.astype(np.float32), mask)]
-    assert payload_nbytes(encode(layers)) <= payload_nbytes(encode(layers, rice=False))
+    with_rice, without = encode(layers), encode(layers, rice=False)
+    rice_cost = rice_nbytes(np.flatnonzero(mask), spec.size)
+    assert rice_cost < position_bytes(without)  # the segment beats indices + uint16 counts
+    assert with_rice[POS_MODE].tolist() == [MODE_RICE]
+    assert with_rice[CNT].size == 0 and with_rice[CNT].dtype == np.uint16
+    assert position_bytes(with_rice) == rice_cost
+    assert payload_nbytes(with_rice) < payload_nbytes(without)
+    check_decodes(layers, with_rice, "float32")
+    # next to an index-mode layer the counts stay uint16: only non-Rice rows size them
+    rng = np.random.default_rng(6)
+    small = make_layer(rng, RowsSpec("one", 1, 5000), "empty")
+    small[2][0, 4321] = True
+    both = [*layers, small]
+    payload = encode(both)
+    assert payload[POS_MODE].tolist() == [MODE_RICE, MODE_INDEX]
+    assert payload[CNT].dtype == np.uint16 and payload[CNT].tolist() == [1]
+    assert payload_nbytes(payload) < payload_nbytes(encode(both, rice=False))
+    check_decodes(both, payload, "float32")
+
+
+def test_counts_go_uint32_only_for_a_non_rice_row_longer_than_65535() -> None:
+    rng = np.random.default_rng(7)
+    long_full = make_layer(rng, RowsSpec("long", 1, 70000), "full")  # full mode: a count 70000
+    sparse = make_layer(rng, LayerSpec("q", 8, 64, 64), "sparse")
+    payload = encode([sparse, long_full])
+    assert payload[POS_MODE].tolist() == [MODE_RICE, MODE_FULL]
+    assert payload[CNT].dtype == np.uint32 and payload[CNT].tolist() == [70000]
+    check_decodes([sparse, long_full], payload, "float32")
+    message = _decode_error(dict(payload, cnt=payload[CNT].astype(np.uint16)),
+                            [sparse, long_full], "float32")
+    assert message.startswith("field 'cnt': ") and "expected uint32" in message, message
 
 
 def test_encode_rejects_dense_with_integer_dtype_and_bad_flags() -> None:
@@ -676,10 +825,29 @@ HOSTILE = {  # name: (mutation, field the message must name, what it must say)
     "rice bad parameter": (
         lambda p: _with(p, rice=np.concatenate([[np.uint8(MAX_RICE_PARAM + 1)], p[RICE][1:]])),
         RICE, f"layer 0 .*Rice parameter {MAX_RICE_PARAM + 1} .*> {MAX_RICE_PARAM}"),
-    "rice count = layer size": (lambda p: _with(p, cnt=_cnt_at(p, 0, 8 * 64)), RICE,
+    "rice count = layer size": (lambda p: _with(p, rice=with_count(p[RICE], 8 * 64)), RICE,
                                 "layer 0 .*(past the end|ends before)"),
-    "rice count > layer size": (lambda p: _with(p, cnt=_cnt_at(p, 0, 8 * 64 + 1)), CNT,
-                                "count 513 of layer 0 .* exceeds layer size"),
+    "rice count > layer size": (lambda p: _with(p, rice=with_count(p[RICE], 8 * 64 + 1)), RICE,
+                                r"layer 0 .*count 513 not in \[0, 512\]"),
+    "rice count 2**35 - 1": (lambda p: _with(p, rice=with_count(p[RICE], 2**35 - 1)), RICE,
+                             rf"layer 0 .*count {2**35 - 1} not in \[0, 512\]"),
+    "head rice count > layer size": (
+        lambda p: _with(p, rice=with_count(p[RICE], 4 * 16 + 1, _second_segment_at(p))), RICE,
+        r"layer 2 \('head'\): count 65 not in \[0, 64\]"),
+    "rice count varint truncated": (lambda p: _with(p, rice=p[RICE][:1]), RICE,
+                                    "layer 0 .*count varint at byte 1 is truncated"),
+    "rice count varint continued past the end": (
+        lambda p: _with(p, rice=np.array([p[RICE][0], 0x81], np.uint8)), RICE,
+        "layer 0 .*count varint at byte 1 is truncated"),
+    "rice count varint over 5 bytes": (
+        lambda p: _with(p, rice=_respell_count(p[RICE], 0, [0x80] * 5 + [0x00])), RICE,
+        "layer 0 .*count varint at byte 1 .*longer than 5 bytes"),
+    "rice count varint non-canonical": (
+        lambda p: _with(p, rice=_respell_count(p[RICE], 0, None)), RICE,
+        "layer 0 .*non-canonical count varint at byte 1"),
+    "head rice count varint non-canonical": (
+        lambda p: _with(p, rice=_respell_count(p[RICE], _second_segment_at(p), None)), RICE,
+        "layer 2 .*non-canonical count varint at byte"),
     "rice without mode 4": (lambda p: _with(p, pos_mode=np.array([MODE_INDEX] * 3, np.uint8)),
                             RICE, "no layer has pos_mode 4"),
     "missing rice": (lambda p: {k: v for k, v in p.items() if k != RICE}, RICE, "missing"),
@@ -709,10 +877,22 @@ def _put(arr: np.ndarray, pos: int, value) -> np.ndarray:
     return out
 
 
-def _cnt_at(payload, slot: int, value: int) -> np.ndarray:
-    cnt = payload[CNT].astype(np.int64)
-    cnt[slot] = value
-    return cnt.astype(payload[CNT].dtype)
+def _second_segment_at(payload) -> int:
+    """Byte offset of the head's Rice segment (after the q layer's) in the hostile base."""
+    reader = RiceReader(payload[RICE])
+    reader.read(8 * 64, "q")
+    return reader.offset
+
+
+def _respell_count(rice: np.ndarray, at: int, varint: list[int] | None) -> np.ndarray:
+    """The segment at byte ``at`` with its count varint replaced by ``varint`` bytes (None: the
+    same count with a trailing 0x00 continuation byte, e.g. 0x05 -> 0x85 0x00)."""
+    count, width = read_leb128(rice, at + 1)
+    if varint is None:
+        spelt = leb128(count)
+        varint = [*spelt[:-1], spelt[-1] | 0x80, 0x00]
+    return np.concatenate([rice[:at + 1], np.array(varint, np.uint8),
+                           rice[at + 1 + width:]]).astype(np.uint8)
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
@@ -733,36 +913,39 @@ def test_rice_key_without_rice_layer_rejected() -> None:
     assert "field 'rice': unexpected payload key: no layer has pos_mode 4" in message
 
 
-def test_rice_segment_for_another_count_rejected() -> None:
-    """Rice segments of another mask: counts in ``cnt`` that do not match the segments."""
+def test_rice_count_disagreeing_with_the_values_rejected() -> None:
+    """A Rice segment carries its count: one that disagrees with ``vals`` is rejected."""
     payload, layers = hostile_base()
     specs = [s for s, _, _ in layers]
-    q_mask = layers[0][2]
-    flat = np.flatnonzero(q_mask)
+    flat = np.flatnonzero(layers[0][2])
+    kept = int(flat.size)
+    assert read_leb128(payload[RICE], 1) == (kept, varint_nbytes(kept))
+    assert payload[CNT].tolist() == [1]  # only the index layer's row count
     head = rice_encode(np.flatnonzero(layers[2][2]), specs[2].size)
-    rejected = 0
-    for drop in (1, 2, 3, len(flat) // 2):
-        seg = rice_encode(np.delete(flat, np.arange(drop)), specs[0].size)
-        bad = dict(payload, rice=np.concatenate([seg, head]))
-        try:
-            out, _ = decode(bad, specs, dtype="int8")
-        except CodecError as err:
-            assert "'rice'" in str(err), str(err)
-            rejected += 1
-        else:  # a segment that parses as the larger count must agree with cnt
-            assert int(out[0][1].sum()) == int(payload[CNT][0])
-    assert rejected >= 1
-    # changing the count in cnt (and the values with it) leaves the segment mismatched
-    for delta in (-2, -1, 1, 2):
-        bad = dict(payload, cnt=_cnt_at(payload, 0, int(payload[CNT][0]) + delta))
+    n_vals = payload[VALS].size
+    # a valid segment of another mask (fewer or more entries) with the values left as they are
+    spare = np.setdiff1d(np.arange(specs[0].size), flat)
+    for drop, add in ((1, 0), (2, 0), (kept // 2, 0), (0, 1), (0, 3)):
+        other = np.union1d(np.delete(flat, np.arange(drop)), spare[:add])
+        bad = dict(payload, rice=np.concatenate([rice_encode(other, specs[0].size), head]))
+        message = _decode_error(bad, layers)
+        assert message.startswith("field 'vals': "), message
+        assert re.search(rf"length {n_vals} .*{n_vals - drop + add}", message), message
+    # the count edited in place (the rest of the segment unchanged)
+    for delta in (-kept, -2, -1, 1, 2, 100):
+        bad = dict(payload, rice=with_count(payload[RICE], kept + delta))
+        message = _decode_error(bad, layers)
+        assert re.match(r"field '(rice|vals)': ", message), message
+        # and with the values resized to match: a misreading, or a consistent reading
         vals = payload[VALS]
         bad[VALS] = np.append(vals, np.ones(delta, np.int8)) if delta > 0 else vals[:delta]
         try:
             out, _ = decode(bad, specs, dtype="int8")
         except CodecError as err:
-            assert "'rice'" in str(err), str(err)
-        else:  # the Rice code is not self-delimiting: a consistent reading is allowed
-            assert int(out[0][1].sum()) == int(bad[CNT][0])
+            assert str(err).startswith("field 'rice': "), str(err)
+        else:
+            assert int(out[0][1].sum()) == kept + delta
+            assert sum(int(m.sum()) for _, m in out) == bad[VALS].size
 
 
 def test_wrong_decode_dtype_rejected() -> None:
@@ -891,13 +1074,12 @@ def test_fuzzed_v2_payload_raises_codec_error_or_decodes_consistently(base, muta
         assert values.shape == mask.shape == (spec.r, spec.row_len)
         assert np.isfinite(values).all()
         assert not values[~mask].any()
-        if mode == MODE_RICE:
-            assert int(mask.sum()) == int(cnt[off])
-            off += 1
-        else:
+        if mode != MODE_RICE:  # a Rice layer's count is in its segment, not in cnt
             np.testing.assert_array_equal(mask.sum(axis=1), cnt[off:off + spec.r])
             off += spec.r
     assert off == cnt.size
+    kept = sum(int(m.sum()) for _, m in out)
+    assert payload[VALS].nbytes == values_nbytes(kept, case["dtype"])
 
 
 def test_fuzz_bases_decode_unmutated() -> None:

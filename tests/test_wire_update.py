@@ -205,20 +205,23 @@ def test_broadcast_one_round_behind_is_bitwise_and_memory_telescopes():
 
 def test_broadcast_catches_up_within_history_and_refreshes_after():
     b = Broadcast(0.9, "int4", history=3)
-    for t in range(1, 4):
+    for t in range(1, 5):
         b.advance(t, _moving_global(t))
-    held = {k: v.copy() for k, v in b.snapshots[1].items()}
-    b.advance(4, _moving_global(4))
-    out = b.outgoing(2, full_nbytes=10**9)  # two rounds behind: exact float32 change
+    b.advance(5, _moving_global(5))
+    assert sorted(b.snapshots) == [2, 3, 4, 5]  # the current round and `history` before it
+    out = b.outgoing(2, full_nbytes=10**9)  # three rounds behind: exact float32 change
     assert out.base == 2 and out.arrays[codec.VALS].dtype == np.float32
     caught = apply_change(b.snapshots[2], out.arrays)
     for k in caught:
         np.testing.assert_allclose(caught[k], b.reference[k], atol=1e-6)
+    assert b.outgoing(4, full_nbytes=10**9).arrays is b.increment  # one round behind: int4
     assert b.outgoing(1, full_nbytes=10**9).base is None  # older than the history: full
     assert b.outgoing(None, full_nbytes=10**9).base is None  # never synchronised: full
-    assert b.outgoing(3, full_nbytes=1).base is None  # the change would be larger: full
-    assert held  # snapshot 1 was dropped from the window
-    assert 1 not in b.snapshots
+    assert b.outgoing(4, full_nbytes=1).base is None  # the change would be larger: full
+    one = Broadcast(0.9, "int8", history=1)
+    one.advance(1, _moving_global(1))
+    one.advance(2, _moving_global(2))
+    assert one.outgoing(1, full_nbytes=10**9).base == 1
 
 
 def test_downlink_change_is_validated():

@@ -20,12 +20,13 @@ vals       float32 / float16  all kept values, layer by layer, row by row, ascen
            / int8 / uint8     position within a row (``values[mask]`` in row-major order);
                               int8 codes, or int4 codes packed two per byte (uint8)
 scale      float32            int8 / int4 only: one scale per row of every layer
-cnt        uint16 (uint32)    kept counts: per rank row for modes 0-3, one per layer for
-                              mode 4; uint32 as soon as one count could exceed 65535
+cnt        uint16 (uint32)    kept count per rank row of the mode 0-3 layers (a Rice
+                              segment carries its own); uint32 as soon as one of those
+                              rows is longer than 65535
 pos_mode   uint8              one per layer: 0 = uint16 within-row indices, 1 = bitmap,
                               2 = implicit (both sides regenerate the mask from a seed),
                               3 = full (every entry kept, e.g. rho = 0: no positions),
-                              4 = Rice-coded gaps of the flat positions
+                              4 = Rice-coded gaps of the flat positions, count included
                               (:mod:`fedsoft.compression.positions`)
 idx        uint16             within-row positions of the index-mode layers, concatenated;
                               present iff the ``pos_mode == 0`` layers keep some entry
@@ -39,8 +40,8 @@ dense/<n>  float32 / float16  small dense tensor ``<n>`` (e.g. the classifier he
 
 Position mode per layer (unless ``implicit_positions``): ``full`` when every entry is kept,
 else the smallest of ``2 * kept`` bytes of indices (needs ``d + k <= 65536``),
-``ceil(r (d + k) / 8)`` bytes of bitmap and the Rice segment plus its per-row counts minus one
-count (ties go to the bitmap, then the indices). There is no ``meta``/version array on the wire:
+``ceil(r (d + k) / 8)`` bytes of bitmap and the Rice segment minus the per-row counts it
+saves (ties go to the bitmap, then the indices). There is no ``meta``/version array on the wire:
 each Flower array costs about 130 bytes of npy header + key (see ``bench/wire_bytes.py``).
 ``FORMAT_VERSION`` is meant for out-of-band checks (e.g. a Flower ConfigRecord entry); a layout
 change must also change keys.
@@ -114,16 +115,14 @@ def _wire_dtype(dtype: str, error: type[ValueError] = ValueError) -> str:
 
 
 def _count_slots(spec: Spec, mode: int) -> int:
-    """Entries of ``cnt`` a layer takes: one per row, or one for a Rice layer."""
-    return 1 if mode == MODE_RICE else spec.r
-
-
-def _count_max(spec: Spec, mode: int) -> int:
-    return spec.size if mode == MODE_RICE else spec.row_len
+    """Entries of ``cnt`` a layer takes: one per row, none for a Rice layer (its segment
+    carries its count)."""
+    return 0 if mode == MODE_RICE else spec.r
 
 
 def _count_dtype(specs: Sequence[Spec], modes: Sequence[int]) -> np.dtype:
-    if all(_count_max(s, m) <= _MAX_U16_COUNT for s, m in zip(specs, modes, strict=True)):
+    if all(s.row_len <= _MAX_U16_COUNT for s, m in zip(specs, modes, strict=True)
+           if m != MODE_RICE):
         return np.dtype(np.uint16)
     return np.dtype(np.uint32)
 
@@ -139,8 +138,8 @@ def _choose_mode(spec: Spec, kept: int, flat: np.ndarray, rice: bool = True) -> 
     sizes = {MODE_BITMAP: _bitmap_bytes(spec)}
     if spec.row_len <= _MAX_INDEX_ROW:
         sizes[MODE_INDEX] = 2 * kept
-    if rice:  # one count instead of r: charge it the difference in (uint16) count bytes
-        sizes[MODE_RICE] = positions.rice_nbytes(flat, spec.size) - 2 * (spec.r - 1)
+    if rice:  # the segment carries its count: credit the r (uint16) row counts it saves
+        sizes[MODE_RICE] = positions.rice_nbytes(flat, spec.size) - 2 * spec.r
     return min(sizes, key=lambda m: (sizes[m], (MODE_BITMAP, MODE_INDEX, MODE_RICE).index(m)))
 
 
@@ -248,7 +247,8 @@ def encode(
         vals_parts.append(values[mask].astype(np.float32, copy=False)
                           if dtype not in _FLOAT_WIRE else values[mask])
         row_counts.append(counts)
-        cnt_parts.append(np.array([kept]) if mode == MODE_RICE else counts)
+        if mode != MODE_RICE:
+            cnt_parts.append(counts)
         modes.append(mode)
 
     cnt_dtype = _count_dtype(specs, modes)
@@ -518,7 +518,6 @@ def _check_rice(
     payload: Mapping[str, np.ndarray],
     specs: list[Spec],
     modes: np.ndarray,
-    totals: dict[int, int],
 ) -> dict[int, np.ndarray]:
     """Validate ``rice``; return the mask of each Rice-mode layer."""
     layers = [i for i, m in enumerate(modes) if m == MODE_RICE]
@@ -529,7 +528,7 @@ def _check_rice(
     for i in layers:
         s = specs[i]
         try:
-            flat = reader.read(totals[i], s.size, f"layer {i} ({s.name!r})")
+            flat = reader.read(s.size, f"layer {i} ({s.name!r})")
         except positions.PositionError as err:
             raise _fail(RICE, str(err)) from err
         mask = np.zeros(s.size, dtype=bool)
@@ -543,32 +542,28 @@ def _check_rice(
 
 
 def _split_counts(payload: Mapping[str, np.ndarray], specs: list[Spec], modes: np.ndarray
-                  ) -> tuple[dict[int, np.ndarray], dict[int, int]]:
-    """``cnt`` per layer: row counts of the mode 0-3 layers, totals of the Rice layers."""
+                  ) -> dict[int, np.ndarray]:
+    """``cnt`` per layer: the row counts of the mode 0-3 layers."""
     slots = [_count_slots(s, int(m)) for s, m in zip(specs, modes, strict=True)]
     cnt = _get(payload, CNT, _count_dtype(specs, [int(m) for m in modes]),
                sum(slots)).astype(np.int64)
     rows: dict[int, np.ndarray] = {}
-    totals: dict[int, int] = {}
     off = 0
     for i, (s, m, n) in enumerate(zip(specs, modes, slots, strict=True)):
+        if m == MODE_RICE:
+            continue
         seg = cnt[off:off + n]
         off += n
-        limit = _count_max(s, int(m))
-        if (seg > limit).any():
-            j = int(np.flatnonzero(seg > limit)[0])
-            what = "layer size r (d + k)" if m == MODE_RICE else "row length d + k"
-            raise _fail(CNT, f"count {int(seg[j])} of layer {i} ({s.name!r}) entry {j} exceeds "
-                             f"{what} = {limit}")
-        if m == MODE_RICE:
-            totals[i] = int(seg[0])
-        else:
-            rows[i] = seg
-            if m == MODE_FULL and np.any(seg != s.row_len):
-                j = int(np.flatnonzero(seg != s.row_len)[0])
-                raise _fail(CNT, f"layer {i} ({s.name!r}) is in full mode (3) but row {j} keeps "
-                                 f"{int(seg[j])} of {s.row_len} entries")
-    return rows, totals
+        if (seg > s.row_len).any():
+            j = int(np.flatnonzero(seg > s.row_len)[0])
+            raise _fail(CNT, f"count {int(seg[j])} at row {j} of layer {i} ({s.name!r}) exceeds "
+                             f"row length d + k = {s.row_len}")
+        rows[i] = seg
+        if m == MODE_FULL and np.any(seg != s.row_len):
+            j = int(np.flatnonzero(seg != s.row_len)[0])
+            raise _fail(CNT, f"layer {i} ({s.name!r}) is in full mode (3) but row {j} keeps "
+                             f"{int(seg[j])} of {s.row_len} entries")
+    return rows
 
 
 def decode(
@@ -604,7 +599,7 @@ def decode(
             raise _fail("payload", f"oversized: {total} bytes > max_bytes {max_bytes}")
 
     modes = _check_modes(payload, specs)
-    rows, totals = _split_counts(payload, specs, modes)
+    rows = _split_counts(payload, specs, modes)
     vals = _get_1d(payload, VALS, quantize.wire_array_dtype(wire))
     masks_out: dict[int, np.ndarray] = {}
     for i in np.flatnonzero(modes == MODE_FULL):
@@ -612,7 +607,7 @@ def decode(
     masks_out.update(_check_masks(masks, specs, modes, rows))
     masks_out.update(_check_idx(payload, specs, modes, rows))
     masks_out.update(_check_bmp(payload, specs, modes, rows))
-    masks_out.update(_check_rice(payload, specs, modes, totals))
+    masks_out.update(_check_rice(payload, specs, modes))
     row_counts = np.concatenate([masks_out[i].sum(axis=1) for i in range(len(specs))]) \
         if specs else np.zeros(0, np.int64)
     scales = None

@@ -163,7 +163,7 @@ class Broadcast:
             self.reference = apply_change(self.reference, self.increment, self.dtype)
         self.round = int(server_round)
         self.snapshots[self.round] = self.reference
-        for old in sorted(self.snapshots)[:-self.history]:
+        for old in sorted(self.snapshots)[:-(self.history + 1)]:  # rounds t - history .. t
             del self.snapshots[old]
 
     def residual(self, global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

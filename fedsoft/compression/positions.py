@@ -13,7 +13,11 @@ One Rice segment (byte aligned, so layers concatenate):
 * 1 byte: the Rice parameter ``b`` (``0 <= b <= MAX_RICE_PARAM``) in the low 7 bits, and in
   the high bit whether the segment codes the ``n - k`` *dropped* positions instead (the
   cheaper side when more than half is kept, so the code stays near the floor at any rho);
-* ``ceil(m b / 8)`` bytes: the low ``b`` bits of each of the ``m`` gaps, MSB first, zero
+* the kept count ``k`` as an unsigned LEB128 varint (1 byte below 128, 2 below 16384, ...),
+  so a segment is self-delimiting and the codec's uint16 per-row counts stay uint16 however
+  large the layer;
+* ``ceil(m b / 8)`` bytes (``m`` = the coded side's count): the low ``b`` bits of each of the
+  ``m`` gaps, MSB first, zero
   padded;
 * ``ceil((m + sum(q)) / 8)`` bytes: the quotients ``q = gap >> b`` in unary (``q`` one bits
   then a zero), zero padded.
@@ -28,8 +32,8 @@ import math
 
 import numpy as np
 
-__all__ = ["MAX_RICE_PARAM", "PositionError", "floor_bits", "rice_decode", "rice_encode",
-           "rice_expected_bytes", "rice_nbytes"]
+__all__ = ["MAX_RICE_PARAM", "PositionError", "RiceReader", "floor_bits", "rice_decode",
+           "rice_encode", "rice_expected_bytes", "rice_nbytes", "varint_nbytes"]
 
 MAX_RICE_PARAM = 31
 
@@ -50,8 +54,24 @@ def _gaps(positions: np.ndarray) -> np.ndarray:
     return np.diff(pos, prepend=-1) - 1
 
 
+def varint_nbytes(value: int) -> int:
+    """Bytes of ``value`` as an unsigned LEB128 varint."""
+    return max(1, -(-int(value).bit_length() // 7))
+
+
+def _varint(value: int) -> np.ndarray:
+    out = []
+    value = int(value)
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return np.array(out, dtype=np.uint8)
+
+
 def _best_param(gaps: np.ndarray) -> tuple[int, int]:
-    """Rice parameter with the fewest segment bytes, and those bytes."""
+    """Rice parameter with the fewest low + unary + header bytes (without the count varint),
+    and those bytes."""
     n = gaps.size
     if n == 0:
         return 0, 1
@@ -80,7 +100,8 @@ def _sides(positions: np.ndarray, universe: int) -> tuple[bool, np.ndarray]:
 
 def rice_nbytes(positions: np.ndarray, universe: int) -> int:
     """Bytes :func:`rice_encode` will take for these sorted flat positions among ``universe``."""
-    return _best_param(_gaps(_sides(positions, universe)[1]))[1]
+    return (_best_param(_gaps(_sides(positions, universe)[1]))[1]
+            + varint_nbytes(np.asarray(positions).size))
 
 
 def rice_expected_bytes(n: int, k: int) -> float:
@@ -88,9 +109,10 @@ def rice_expected_bytes(n: int, k: int) -> float:
     gaps with p = k / n; E[floor(G / m)] = (1-p)^m / (1 - (1-p)^m)), best parameter. Used to plan
     payloads (TSFA's eq. (6) bits) before anything is encoded; a smooth function of ``k`` (no
     byte rounding), so a 1-D search over rho sees no spurious steps."""
+    head = varint_nbytes(k)
     k = min(k, n - k)  # the coded side
     if k <= 0:
-        return 1.0
+        return 1.0 + head
     p = min(k / n, 1.0)
     best = None
     for b in range(MAX_RICE_PARAM + 1):
@@ -102,7 +124,7 @@ def rice_expected_bytes(n: int, k: int) -> float:
             best = size
         if m > n:
             break
-    return float(best)
+    return float(best) + head
 
 
 def _pack(bits: np.ndarray) -> np.ndarray:
@@ -132,7 +154,7 @@ def rice_encode(positions: np.ndarray, universe: int) -> np.ndarray:
         np.cumsum(quot) - quot, quot))
     unary[ones] = 1
     head = np.array([b | (0x80 if flip else 0)], np.uint8)
-    return np.concatenate([head, _pack(low), _pack(unary)])
+    return np.concatenate([head, _varint(pos.size), _pack(low), _pack(unary)])
 
 
 class RiceReader:
@@ -144,29 +166,31 @@ class RiceReader:
         self.zeros = np.flatnonzero(self.bits == 0)
         self.offset = 0  # bytes
 
-    def read(self, count: int, universe: int, field: str) -> np.ndarray:
-        """The next segment's ``count`` flat positions, each in ``[0, universe)``."""
+    def read(self, universe: int, field: str) -> np.ndarray:
+        """The next segment's flat positions (its own count), each in ``[0, universe)``."""
         if self.offset >= self.data.size:
             raise PositionError(f"{field}: segment starts at byte {self.offset}, past the end "
                                 f"({self.data.size} bytes)")
+        flip = bool(self.data[self.offset] & 0x80)
+        param_at = self.offset
+        count, self.offset = self._read_varint(self.offset + 1, field)
         if not 0 <= count <= universe:
             raise PositionError(f"{field}: count {count} not in [0, {universe}]")
-        flip = bool(self.data[self.offset] & 0x80)
-        b = int(self.data[self.offset] & 0x7F)
         if flip:  # the segment codes the dropped positions
             count = universe - count
+        b = int(self.data[param_at] & 0x7F)
         if b > MAX_RICE_PARAM:
-            raise PositionError(f"{field}: Rice parameter {b} at byte {self.offset} > "
+            raise PositionError(f"{field}: Rice parameter {b} at byte {param_at} > "
                                 f"{MAX_RICE_PARAM}")
-        low_start = (self.offset + 1) * 8
+        low_start = self.offset * 8
         low_bytes = -(-count * b // 8)
         low_end = low_start + count * b
-        if (self.offset + 1 + low_bytes) > self.data.size:
+        if (self.offset + low_bytes) > self.data.size:
             raise PositionError(f"{field}: {count} x {b} low bits run past the end of the array")
-        self._check_padding(low_end, (self.offset + 1 + low_bytes) * 8, field, "low bits")
-        un_start = (self.offset + 1 + low_bytes) * 8
+        self._check_padding(low_end, (self.offset + low_bytes) * 8, field, "low bits")
+        un_start = (self.offset + low_bytes) * 8
         if count == 0:
-            self.offset += 1 + low_bytes
+            self.offset += low_bytes
             side = np.zeros(0, dtype=np.int64)
             return _complement(side, universe) if flip else side
         first = int(np.searchsorted(self.zeros, un_start))
@@ -194,6 +218,19 @@ class RiceReader:
         self.offset = un_start // 8 + un_bytes
         return _complement(pos, universe) if flip else pos
 
+    def _read_varint(self, at: int, field: str) -> tuple[int, int]:
+        value, shift = 0, 0
+        for i in range(at, min(at + 5, self.data.size)):
+            byte = int(self.data[i])
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if i > at and byte == 0:
+                    raise PositionError(f"{field}: non-canonical count varint at byte {at}")
+                return value, i + 1
+        raise PositionError(f"{field}: count varint at byte {at} is truncated or longer than "
+                            "5 bytes")
+
     def _check_padding(self, lo: int, hi: int, field: str, what: str) -> None:
         if self.bits[lo:hi].any():
             raise PositionError(f"{field}: non-zero padding bits after the {what} "
@@ -206,9 +243,9 @@ class RiceReader:
                                 f"the last segment")
 
 
-def rice_decode(data: np.ndarray, count: int, universe: int) -> np.ndarray:
+def rice_decode(data: np.ndarray, universe: int) -> np.ndarray:
     """Positions of a single segment (the inverse of :func:`rice_encode`)."""
     reader = RiceReader(np.asarray(data, dtype=np.uint8))
-    out = reader.read(count, universe, "rice")
+    out = reader.read(universe, "rice")
     reader.finish("rice")
     return out

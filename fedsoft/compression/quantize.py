@@ -147,7 +147,8 @@ def dequantize(codes: np.ndarray, scales: np.ndarray | None, counts: np.ndarray,
                 p = int(np.flatnonzero(c == -128)[0])
                 raise QuantError(f"field {field!r}: int8 code -128 at position {p}; codes "
                                  f"are -127..127")
-        out = c.astype(np.float32) * scales.astype(np.float32)[_row_ids(counts)]
+        with np.errstate(over="ignore"):  # reported below as a QuantError
+            out = c.astype(np.float32) * scales.astype(np.float32)[_row_ids(counts)]
     if not np.isfinite(out).all():
         p = int(np.flatnonzero(~np.isfinite(out))[0])
         raise QuantError(f"field {field!r}: value at position {p} is not finite after "

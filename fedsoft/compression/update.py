@@ -265,8 +265,8 @@ def _position_bytes(size: int, rows: int, row_len: int, kept: int, rice: bool
     options: dict[int, float] = {codec.MODE_BITMAP: -(-size // 8) + 2 * rows}
     if row_len <= 1 << 16:
         options[codec.MODE_INDEX] = 2 * kept + 2 * rows
-    if rice:
-        options[codec.MODE_RICE] = positions.rice_expected_bytes(size, kept) + 2
+    if rice:  # the segment carries its count: no row counts
+        options[codec.MODE_RICE] = positions.rice_expected_bytes(size, kept)
     mode = min(options, key=options.__getitem__)
     return options[mode], mode
 
