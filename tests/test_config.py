@@ -88,9 +88,10 @@ def test_tsfa_with_the_default_sparsifier_runs_soft(strategy):
 
 def test_per_node_message_keys_do_not_shadow_run_config_keys():
     per_node = ["server-round", "sparsity-ratio", "bandwidth-share", "channel-gain", "sketch-size",
-                "client-key"]
+                "client-key", "downlink-base"]
     assert PLAN_KEYS == set(per_node) and not PLAN_KEYS & set(DEFAULTS)
-    record = {**train_config(resolve({})), **dict.fromkeys(per_node, 1), "sparsity-ratio": 0.5}
+    record = {**train_config(resolve({})), **dict.fromkeys(per_node, 1), "sparsity-ratio": 0.5,
+              "server-round": 2}  # downlink-base must be an earlier round
     got = TrainInstruction.from_record(record)
     assert got.config(resolve({})) == validate(DEFAULTS)
 

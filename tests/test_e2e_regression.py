@@ -2,7 +2,10 @@
 
 Reruns the first rounds of one exported configuration (fig. 3(a) at r = 4: SOFT at rho = 0.5,
 Yahoo, Dirichlet(0.5), 6 SuperNodes, K = 3) through ``flwr run`` and compares row by row:
-accuracy, client counts and bytes exactly, losses to float noise.
+accuracy, client counts and the dense byte count exactly, losses to float noise. Uplink bytes
+may only shrink: position coding is lossless, and since the wire format of issue 16 a layer's
+positions take the smallest of index, bitmap and Rice code, so the same selection costs at most
+what it cost when the data was exported.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from fedsoft.runlog import read_metrics
 EXPORTED = ROOT / "docs" / "data" / "fig3ab" / "cpu"
 RUN = "soft-r4-s0"
 ROUNDS = 3  # of the exported 8: rounds are seeded by their number, so a prefix reproduces
-EXACT = ("round", "accuracy", "num_clients", "uplink_bytes", "dense_uplink_bytes", "sparsity",
-         "dropped")
+EXACT = ("round", "accuracy", "num_clients", "dense_uplink_bytes", "sparsity", "dropped")
 CLOSE = ("loss", "train_loss")
 
 
@@ -55,6 +57,8 @@ def test_seeded_rerun_reproduces_the_exported_metrics_row_by_row(tmp_path):
     for new, old in zip(got, expected, strict=True):
         for key in EXACT:
             assert new.get(key) == old.get(key), (old["round"], key, new.get(key), old.get(key))
+        assert new["uplink_bytes"] <= old["uplink_bytes"], (old["round"], new["uplink_bytes"])
+        assert new["uplink_bytes"] >= 0.9 * old["uplink_bytes"]  # the same values were sent
         for key in CLOSE:
             if key in old:
                 assert new[key] == pytest.approx(old[key], rel=1e-4), (old["round"], key)

@@ -255,7 +255,7 @@ def test_round_records_never_raise_whatever_a_statistic_holds():
     s.round_stats[1] = {"x": None, "n": np.int64(3), "mixed": [1, 2.5], "d": {"a": 1},
                         "reasons": ["a"], "empty": [], "nested": [[1]], "sampled": [7]}
     numbers, text = s.round_records(1)
-    assert dict(numbers) == {"num_clients": 0, "uplink_bytes": 0, "n": 3,
+    assert dict(numbers) == {"num_clients": 0, "uplink_bytes": 0, "downlink_bytes": 0, "n": 3,
                              "mixed": [1.0, 2.5], "empty": []}
     assert dict(text) == {"x": "null", "d": '{"a": 1}', "reasons": ["a"], "nested": "[[1]]"}
     assert 1 not in s.round_stats  # handed out once
