@@ -519,6 +519,12 @@ class LoRAFedAvg(FedAvg):
                 accepted.append(self._accept(server_round, msg))
             except Exception as err:  # noqa: BLE001 - one reply never ends a run
                 dropped.append(f"node {nid}: {type(err).__name__}: {err}"[:500])
+        if self.downlink is not None:
+            # a node sent a message without a reply here (an error, a lost or late reply, one
+            # the strategy filtered before this point) may or may not have applied the
+            # broadcast: its next message is the full model
+            for nid in self._sent - seen:
+                self._synced.pop(nid, None)
         accepted = self._bound_norms(server_round, accepted, dropped)
         accepted.sort(key=lambda a: (self.client_key(a.node_id), a.node_id))  # reply order free
         for reason in dropped:

@@ -18,7 +18,7 @@ from fedsoft.compression.orthogonality import orth_offdiag
 from fedsoft.compression.spectrum import svd_proxy_rel_err
 from fedsoft.compression.update import SparseSettings, decode_update
 from fedsoft.config import RunConfig
-from fedsoft.layout import head_arrays, layer_specs
+from fedsoft.layout import HEAD_PREFIX, head_arrays, layer_specs
 
 from .lora_fedavg import LoRAFedAvg
 from .messages import RoundPlan
@@ -89,11 +89,20 @@ class SparseLoRAFedAvg(LoRAFedAvg):
 
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:
-        return decode_update(
-            arrays, self.global_arrays, self.round_settings(server_round, node_id),
+        """The client's factors rebuilt on the global ones (its change is added to x_{t-1});
+        a whole head (dense head) was trained from the broadcast model, so with a compressed
+        downlink the broadcast's unsent head residual is added back, as for dense replies."""
+        settings = self.round_settings(server_round, node_id)
+        out = decode_update(
+            arrays, self.global_arrays, settings,
             server_round=server_round, node_id=self.client_key(node_id),
             max_bytes=2 * self.dense_reply_bytes + 4096,
         )
+        if self._residual is not None and not settings.sparse_head:
+            for key in head_arrays(self.global_arrays):
+                k = HEAD_PREFIX + key
+                out[k] = (out[k] + self._residual[k]).astype(np.float32)
+        return out
 
     def combine(self, server_round: int, decoded: list[dict[str, np.ndarray]],
                 weights: list[float]) -> dict[str, np.ndarray]:

@@ -271,3 +271,73 @@ def test_override_that_only_prints_differently_is_sent_so_digests_agree():
     assert "zeta" in record
     record.update(RoundPlan(1, 0).to_values())
     assert TrainInstruction.from_record(record).config(base) == cfg
+
+
+def _downlink_round(s, rnd, glob, grid, clients, reply_to=None):
+    """One round of ``s`` with a compressed downlink: the clients apply what they were sent
+    (client_app's own function) and reply with their change; ``reply_to`` picks who replies."""
+    from client_app import _broadcast_model
+    from fedsoft.config import resolve
+    from strategies.messages import TrainInstruction, train_config
+
+    msgs = list(s.configure_train(rnd, to_record(glob), train_config(resolve({})), grid))
+    replies = []
+    for m in msgs:
+        nid = m.metadata.dst_node_id
+        plan = TrainInstruction.from_record(m.content["config"]).plan
+        try:
+            model = _broadcast_model(to_numpy(m.content["arrays"]), plan.downlink_base, rnd,
+                                     clients[nid], keep=True)
+        except RuntimeError:
+            continue  # the node's error reply
+        if reply_to is None or nid in reply_to:
+            local = {k: v + 0.01 for k, v in model.items()}
+            payload, _ = encode_update(model, local, s.settings, ErrorFeedback(),
+                                       server_round=rnd, node_id=s.client_key(nid))
+            replies.append(_reply(m, payload, 100, nid))
+    return replies
+
+
+def test_downlink_node_without_a_reply_gets_the_full_model_and_never_desyncs():
+    """A node that applied a broadcast but whose reply never arrived (lost, late, filtered)
+    is sent the full model next: no round fails because server and node disagree on its
+    reference."""
+    from flwr.app import Context
+
+    from fedsoft.compression.downlink import Broadcast
+
+    glob = _arrays(0, 0.1)
+    s = SparseLoRAFedAvg(2, SparseSettings("soft", 0.5), seed=0,
+                         downlink=Broadcast(0.8, "float32", history=4))
+    grid = FakeGrid([1, 2])
+    clients = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
+                          run_config={}) for n in (1, 2)}
+    for rnd in range(1, 7):
+        lost = {2} if rnd == 2 else set()
+        replies = _downlink_round(s, rnd, glob, grid, clients, reply_to={1, 2} - lost)
+        assert len(replies) == 2 - len(lost), rnd  # every node could apply what it got
+        new, _ = s.aggregate_train(rnd, replies)
+        full = s.round_stats[rnd]["downlink_full"]
+        assert full == {1: 2, 3: 1}.get(rnd, 0), (rnd, full)
+        glob = to_numpy(new)
+
+
+def test_dense_head_gets_the_broadcast_residual_back():
+    """With a compressed downlink and a whole (float) head, a client that learned nothing
+    sends back the broadcast head; the server must land on its own head, not the broadcast's."""
+    from fedsoft.compression.downlink import Broadcast
+
+    glob0, glob = _arrays(0, 0.1), _arrays(1, 0.1)
+    s = SparseLoRAFedAvg(1, SparseSettings("soft", 0.5), seed=0,
+                         downlink=Broadcast(0.9, "float32", history=2))
+    grid = FakeGrid([1])
+    s.configure_train(1, to_record(glob0), ConfigRecord({}), grid)
+    msgs = list(s.configure_train(2, to_record(glob), ConfigRecord({}), grid))
+    ref = s.downlink.reference
+    assert not np.allclose(ref["head.w"], glob["head.w"])  # 90% of the head change held back
+    payload, _ = encode_update(ref, ref, s.settings, ErrorFeedback(), server_round=2,
+                               node_id=s.client_key(1))
+    new, _ = s.aggregate_train(2, [_reply(msgs[0], payload, 100, 1)])
+    got = to_numpy(new)
+    for k in glob:
+        np.testing.assert_allclose(got[k], glob[k], atol=1e-6)

@@ -291,3 +291,20 @@ def test_frozen_prefix_gives_the_full_models_outputs():
                          for k in moved)
     with pytest.raises(ValueError, match="block 0"):
         workload.build_workload(resolve({"preset": "ci", "frozen-prefix": "cache"}, CONF))
+
+
+def test_oversized_rice_array_is_refused_before_it_is_unpacked():
+    """A hostile reply cannot make the decoder unpack a huge Rice array (the reader holds
+    about 70 bytes per input byte): more than an honest encoder sends is refused first."""
+    rng = np.random.default_rng(0)
+    spec = layer_specs({"l.lora_A": np.zeros((8, 384), np.float32),
+                        "l.lora_B": np.zeros((384, 8), np.float32)})[0]
+    mask = rng.random((8, 768)) < 0.05
+    payload = codec.encode([(spec, rng.standard_normal((8, 768)) * mask, mask)])
+    assert (payload[codec.POS_MODE] == codec.MODE_RICE).all()
+    honest = codec.decode(payload, [spec])[0][0][1]
+    assert np.array_equal(honest, mask)
+    bloated = dict(payload, rice=np.concatenate([payload[codec.RICE],
+                                                 np.zeros(10**6, np.uint8)]))
+    with pytest.raises(codec.CodecError, match="'rice': length"):
+        codec.decode(bloated, [spec])

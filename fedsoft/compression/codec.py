@@ -523,7 +523,15 @@ def _check_rice(
     layers = [i for i, m in enumerate(modes) if m == MODE_RICE]
     if not layers:
         return {}
-    reader = positions.RiceReader(_get_1d(payload, RICE, np.dtype(np.uint8)))
+    data = _get_1d(payload, RICE, np.dtype(np.uint8))
+    # the encoder picks Rice only when it beats the bitmap plus the row counts it saves, so an
+    # honest array is shorter than this; a longer one is refused before it is unpacked (the
+    # reader holds about 70 bytes per input byte)
+    limit = sum(_bitmap_bytes(specs[i]) + 2 * specs[i].r + 8 for i in layers)
+    if data.size > limit:
+        raise _fail(RICE, f"length {data.size} bytes > {limit}, the most an honest encoder "
+                          f"sends for these layers")
+    reader = positions.RiceReader(data)
     out: dict[int, np.ndarray] = {}
     for i in layers:
         s = specs[i]

@@ -12,10 +12,14 @@ with ``S`` the top-k of every block's change at ``downlink-sparsity``, ``E``/``D
 ``wire-dtype``; the residual ``x - xh`` is the server's error memory, sent in later rounds. The
 server applies its own decoded payload, so a client one round behind reconstructs ``xh_t``
 bit for bit. A client that last synchronised ``s`` rounds ago (``s`` within ``history``) gets
-``xh_t - xh_s`` exactly (float32 values, the union of the increments' positions), or the whole
-``xh_t`` when that is smaller; a client the server has no reference for gets the whole
-``xh_t`` (a full refresh). Clients train from ``xh_t``; replies that are changes are added to
-``x_{t-1}``, so nothing the clients learned is lost to the broadcast's compression.
+``xh_t - xh_s`` in float32 at the union of the increments' positions (the client's
+``xh_s + (xh_t - xh_s)`` equals ``xh_t`` up to one float32 rounding per entry, about 1e-7
+relative; the next full refresh removes it), or the whole ``xh_t`` when that is smaller; a
+client the server has no reference for gets the whole ``xh_t`` (a full refresh), and so does
+a client whose last message got no reply (it may or may not hold that round). Clients train
+from ``xh_t``; replies that are changes are added to ``x_{t-1}`` (whole-model replies get the
+residual ``x - xh`` added back), so nothing the clients learned is lost to the broadcast's
+compression.
 
 Blocks: each LoRA layer as rank rows ``[b_j ; a_j]`` (:class:`~fedsoft.layout.LayerSpec`) and
 each head tensor as rows (:class:`~fedsoft.layout.RowsSpec`), in array order.

@@ -150,17 +150,26 @@ def prefix_features(model: nn.Module, start: int, examples: Sequence[Any], colla
 
 _CACHE: dict[tuple, _Cached] = {}
 _MAX_ENTRIES = 64
+MAX_CACHE_BYTES = 2 << 30  # cached features per process; the oldest entries go first
+
+
+def _nbytes(c: _Cached) -> int:
+    return int(c.hidden.numel() * c.hidden.element_size() + c.mask.numel()
+               * c.mask.element_size() + c.labels.numel() * c.labels.element_size())
 
 
 def cached_loader(key: tuple, model: nn.Module, start: int, examples: Sequence[Any],
                   collate: Any, length: int, batch_size: int, *, shuffle: bool,
                   seed: int) -> DataLoader:
     """A loader over the cached prefix features of ``examples`` (computed on first use for
-    ``key``, then kept for this process), shuffled by a generator seeded with ``seed``."""
+    ``key``, then kept for this process within ``MAX_CACHE_BYTES``, oldest out first),
+    shuffled by a generator seeded with ``seed``."""
     if key not in _CACHE:
-        if len(_CACHE) >= _MAX_ENTRIES:
+        features = prefix_features(model, start, examples, collate, length)
+        while _CACHE and (len(_CACHE) >= _MAX_ENTRIES or _nbytes(features) + sum(
+                _nbytes(c) for c in _CACHE.values()) > MAX_CACHE_BYTES):
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = prefix_features(model, start, examples, collate, length)
+        _CACHE[key] = features
     gen = torch.Generator()
     gen.manual_seed(int(seed))
     return DataLoader(_CACHE[key], batch_size=batch_size, shuffle=shuffle, generator=gen)
