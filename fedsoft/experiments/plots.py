@@ -418,10 +418,17 @@ def natural_key(text: str) -> list[Any]:
 
 
 def _plot_curves(ax, panel: dict[str, dict[str, Any]], logy: bool) -> None:
-    for series, c in sorted(panel.items(), key=lambda kv: natural_key(kv[0])):
+    import matplotlib
+
+    many = len(panel) > 10  # more series than the default cycle has colours
+    palette = matplotlib.colormaps["tab20"] if many else None
+    for i, (series, c) in enumerate(sorted(panel.items(), key=lambda kv: natural_key(kv[0]))):
         if not c["x"]:
             continue
-        line, = ax.plot(c["x"], c["y"], marker="o", ms=3, label=series)
+        style = {"color": palette(i % 20)} if palette is not None else {}
+        if series.endswith((" int8", " int4", " float16")):  # a quantised variant: dashed
+            style["linestyle"] = "--"
+        line, = ax.plot(c["x"], c["y"], marker="o", ms=3, label=series, **style)
         if c["seeds"] > 1:
             lo = [m - s for m, s in zip(c["y"], c["y_std"], strict=True)]
             hi = [m + s for m, s in zip(c["y"], c["y_std"], strict=True)]
