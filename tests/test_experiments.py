@@ -458,3 +458,29 @@ def test_launch_without_the_flwr_cli_names_the_missing_path(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     with pytest.raises(FileNotFoundError, match="flwr CLI not found"):
         launch.flwr_run(tmp_path / "home", 'seed=0', timeout=5)
+
+
+def test_wire_figures_plot_accuracy_against_bytes_in_both_directions(tmp_path):
+    """wire-*: a second panel against cumulative uplink + downlink MB; the summary counts
+    both directions to the target."""
+    down = [0, 1_000_000, 200_000, 200_000]
+    exp = _write_exp(tmp_path, "wire-90", [
+        ("soft-s0", "soft", "rho = 0.9", 0,
+         _rows([0.1, 0.5, 0.6, 0.7], up=50_000, downlink_bytes=down)),
+        ("dense-s0", "dense", "rho = 0.9", 0,
+         _rows([0.1, 0.4, 0.6, 0.7], up=400_000, downlink_bytes=[0, 10**6, 10**6, 10**6])),
+    ])
+    data = plots.figure_series(exp)
+    assert set(data["panels"]) == {"accuracy", "accuracy@cum_mb"}
+    soft = data["panels"]["accuracy@cum_mb"]["rho = 0.9"]["soft"]
+    expected = [0.0]
+    for u, d in zip([50_000] * 3, down[1:], strict=True):
+        expected.append(expected[-1] + (u + d) / 1e6)
+    assert soft["x"] == pytest.approx(expected) and soft["y"] == [0.1, 0.5, 0.6, 0.7]
+    rows = {r["series"]: r for r in plots.summary(exp, target_frac=6 / 7)}  # target 0.6
+    assert rows["soft"]["rounds_to_target"] == 2
+    assert rows["soft"]["both_bytes_to_target"] == 2 * 50_000 + 1_200_000
+    assert rows["soft"]["bytes_to_target"] == 2 * 50_000
+    assert rows["dense"]["total_bytes"] == 3 * 400_000 + 3 * 10**6
+    assert "up + down MB to target" in plots.markdown(exp)
+    assert plots.draw(exp).stat().st_size > 0
