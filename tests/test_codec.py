@@ -455,7 +455,9 @@ def fuzz_bases() -> list[dict]:
 BASES = fuzz_bases()
 
 
-def apply_mutation(p: dict[str, np.ndarray], op: str, a: int, b: int, c: int) -> None:
+def apply_mutation(p: dict[str, np.ndarray], op: str, a: int, b: int, c: int,
+                   dtypes: list = FUZZ_DTYPES) -> None:
+    """Mutate payload ``p`` in place (``dtypes``: what the dtype / view ops cast to)."""
     keys = sorted(p)
     key = keys[a % len(keys)]
     arr = p[key]
@@ -465,10 +467,10 @@ def apply_mutation(p: dict[str, np.ndarray], op: str, a: int, b: int, c: int) ->
         p[key] = np.frombuffer(raw.tobytes(), dtype=arr.dtype).reshape(arr.shape)
     elif op == "dtype":
         with np.errstate(all="ignore"):
-            p[key] = arr.astype(FUZZ_DTYPES[b % len(FUZZ_DTYPES)])
+            p[key] = arr.astype(dtypes[b % len(dtypes)])
     elif op == "view":
         raw = arr.reshape(-1).view(np.uint8)
-        new = FUZZ_DTYPES[b % len(FUZZ_DTYPES)]
+        new = dtypes[b % len(dtypes)]
         size = np.dtype(new).itemsize
         p[key] = raw[: raw.size - raw.size % size].view(new)
     elif op == "truncate" and arr.ndim == 1:

@@ -51,6 +51,7 @@ from fedsoft.compression.quantize import (
     wire_array_dtype,
 )
 from fedsoft.layout import LayerSpec, RowsSpec
+from tests.test_codec import apply_mutation as codec_mutation
 
 WIRE_DTYPES = quantize.WIRE_DTYPES
 INT_DTYPES = quantize.QUANT_DTYPES
@@ -1002,43 +1003,23 @@ BASES = fuzz_bases()
 
 
 def apply_mutation(p: dict[str, np.ndarray], op: str, a: int, b: int, c: int) -> None:
+    """test_codec's mutations (with int8 among the dtypes) plus single-bit flips, position
+    mode rewrites and format-2 keys added."""
     keys = sorted(p)
     key = keys[a % len(keys)]
     arr = p[key]
-    if op == "flip" and arr.nbytes:
-        raw = np.frombuffer(arr.tobytes(), dtype=np.uint8).copy()
-        raw[b % raw.size] ^= np.uint8(1 + c % 255)
-        p[key] = np.frombuffer(raw.tobytes(), dtype=arr.dtype).reshape(arr.shape)
-    elif op == "bit" and arr.nbytes:
+    if op == "bit" and arr.nbytes:
         raw = np.frombuffer(arr.tobytes(), dtype=np.uint8).copy()
         raw[b % raw.size] ^= np.uint8(1 << (c % 8))
         p[key] = np.frombuffer(raw.tobytes(), dtype=arr.dtype).reshape(arr.shape)
-    elif op == "dtype":
-        with np.errstate(all="ignore"):
-            p[key] = arr.astype(FUZZ_DTYPES[b % len(FUZZ_DTYPES)])
-    elif op == "view":
-        raw = arr.reshape(-1).view(np.uint8)
-        new = FUZZ_DTYPES[b % len(FUZZ_DTYPES)]
-        size = np.dtype(new).itemsize
-        p[key] = raw[: raw.size - raw.size % size].view(new)
-    elif op == "truncate" and arr.ndim == 1:
-        p[key] = arr[: b % (arr.shape[0] + 1)]
-    elif op == "extend" and arr.ndim == 1:
-        extra = np.random.default_rng(c).integers(0, 256, size=(1 + b % 4) * arr.itemsize)
-        p[key] = np.concatenate([arr, extra.astype(np.uint8).view(arr.dtype)])
     elif op == "mode" and POS_MODE in p and p[POS_MODE].size:
         modes = p[POS_MODE].copy()
         modes.reshape(-1)[b % modes.size] = c % 6
         p[POS_MODE] = modes
-    elif op == "swap":
-        other = keys[b % len(keys)]
-        p[key], p[other] = p[other], p[key]
-    elif op == "delete":
-        del p[key]
     elif op == "add":
         p[(RICE, SCALE, IDX, BMP)[b % 4]] = np.zeros(c % 4, (np.uint8, np.float32)[c % 2])
-    elif op == "reshape":
-        p[key] = arr[None]
+    elif op not in ("bit", "mode"):
+        codec_mutation(p, op, a, b, c, dtypes=FUZZ_DTYPES)
 
 
 MUTATION_OPS = "flip flip bit bit dtype view truncate extend mode swap delete add reshape".split()

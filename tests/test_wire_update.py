@@ -22,20 +22,14 @@ from fedsoft.compression.update import (
 )
 from fedsoft.config import ConfigError, resolve
 from fedsoft.layout import head_specs, layer_specs
+from tests.test_sparse_update import _arrays as _sparse_arrays
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = ["float32", "float16", "int8", "int4"]
 
 
 def _arrays(seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for i, (r, d, k) in enumerate([(4, 12, 10), (4, 12, 10), (4, 9, 12)]):
-        out[f"layer{i}.lora_A"] = (scale * rng.standard_normal((r, k))).astype(np.float32)
-        out[f"layer{i}.lora_B"] = (scale * rng.standard_normal((d, r))).astype(np.float32)
-    out["head.classifier.weight"] = rng.standard_normal((3, 12)).astype(np.float32)
-    out["head.classifier.bias"] = rng.standard_normal(3).astype(np.float32)
-    return out
+    return _sparse_arrays(seed, scale)
 
 
 def _rows(arrays, name):
