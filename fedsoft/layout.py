@@ -16,6 +16,20 @@ B_SUFFIX = ".lora_B"
 HEAD_PREFIX = "head."
 
 
+def _check_spec(spec: object, fields: tuple[str, ...]) -> None:
+    """A spec's ``name`` is a str and ``fields`` positive ints (stored as Python ints)."""
+    cls = type(spec).__name__
+    if not isinstance(spec.name, str):
+        raise TypeError(f"{cls}.name must be a str, got {spec.name!r}")
+    for field in fields:
+        value = getattr(spec, field)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{cls}.{field} must be an int, got {value!r}")
+        if value <= 0:
+            raise ValueError(f"{cls}.{field} must be positive, got {value!r}")
+        object.__setattr__(spec, field, int(value))
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One LoRA layer: ``B`` is ``d x r`` and ``A`` is ``r x k``, rank rows have length ``d + k``.
@@ -29,15 +43,7 @@ class LayerSpec:
     k: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise TypeError(f"LayerSpec.name must be a str, got {self.name!r}")
-        for field in ("r", "d", "k"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise TypeError(f"LayerSpec.{field} must be an int, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"LayerSpec.{field} must be positive, got {value!r}")
-            object.__setattr__(self, field, int(value))
+        _check_spec(self, ("r", "d", "k"))
 
     @property
     def row_len(self) -> int:
@@ -61,15 +67,7 @@ class RowsSpec:
     row_len: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise TypeError(f"RowsSpec.name must be a str, got {self.name!r}")
-        for field in ("r", "row_len"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise TypeError(f"RowsSpec.{field} must be an int, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"RowsSpec.{field} must be positive, got {value!r}")
-            object.__setattr__(self, field, int(value))
+        _check_spec(self, ("r", "row_len"))
 
     @property
     def size(self) -> int:

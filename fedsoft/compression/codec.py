@@ -292,24 +292,21 @@ def _fail(field: str, message: str) -> CodecError:
     return CodecError(f"field {field!r}: {message}")
 
 
-def _get(payload: Mapping[str, np.ndarray], key: str, dtype: np.dtype, length: int) -> np.ndarray:
-    """Fetch a 1-D payload array and check its dtype and length."""
+def _get_1d(payload: Mapping[str, np.ndarray], key: str, dtype: np.dtype) -> np.ndarray:
+    """Fetch a 1-D payload array and check its dtype."""
     arr = payload[key]
     if arr.dtype != dtype:
         raise _fail(key, f"dtype {arr.dtype.str} ({arr.dtype}), expected {dtype}")
     if arr.ndim != 1:
         raise _fail(key, f"ndim {arr.ndim} (shape {arr.shape}), expected a 1-D array")
-    if arr.shape[0] != length:
-        raise _fail(key, f"length {arr.shape[0]}, expected {length}")
     return arr
 
 
-def _get_1d(payload: Mapping[str, np.ndarray], key: str, dtype: np.dtype) -> np.ndarray:
-    arr = payload[key]
-    if arr.dtype != dtype:
-        raise _fail(key, f"dtype {arr.dtype.str} ({arr.dtype}), expected {dtype}")
-    if arr.ndim != 1:
-        raise _fail(key, f"ndim {arr.ndim} (shape {arr.shape}), expected a 1-D array")
+def _get(payload: Mapping[str, np.ndarray], key: str, dtype: np.dtype, length: int) -> np.ndarray:
+    """Fetch a 1-D payload array and check its dtype and length."""
+    arr = _get_1d(payload, key, dtype)
+    if arr.shape[0] != length:
+        raise _fail(key, f"length {arr.shape[0]}, expected {length}")
     return arr
 
 

@@ -35,6 +35,7 @@ import torch
 
 from fedsoft.compression import codec, quantize
 from fedsoft.compression.sparsifiers import from_rows, to_rows
+from fedsoft.compression.update import topk_mask
 from fedsoft.config import check_sparsity
 from fedsoft.layout import (
     A_SUFFIX,
@@ -80,14 +81,6 @@ def _add_rows(out: dict[str, np.ndarray], spec: LayerSpec | RowsSpec, rows: np.n
         out[key] = (out[key] + rows.reshape(out[key].shape)).astype(np.float32)
 
 
-def _topk(x: np.ndarray, keep: int) -> np.ndarray:
-    mask = np.zeros(x.size, dtype=bool)
-    if keep > 0:
-        order = np.argsort(-np.abs(x).reshape(-1), kind="stable")
-        mask[order[:keep]] = True
-    return mask.reshape(x.shape)
-
-
 def encode_change(change: Mapping[str, np.ndarray], sparsity: float | None, dtype: str
                   ) -> dict[str, np.ndarray]:
     """Codec payload of ``change`` (arrays with the model's keys): per block the top-k of
@@ -98,8 +91,8 @@ def encode_change(change: Mapping[str, np.ndarray], sparsity: float | None, dtyp
         if sparsity is None:
             mask = rows != 0
         else:
-            mask = _topk(rows, int(round((1.0 - check_sparsity(sparsity, "downlink-sparsity"))
-                                         * spec.size)))
+            keep = int(round((1.0 - check_sparsity(sparsity, "downlink-sparsity")) * spec.size))
+            mask = topk_mask(torch.from_numpy(rows), keep).numpy()
         layers.append((spec, np.where(mask, rows, np.float32(0)), mask))
     return codec.encode(layers, dtype=dtype)
 
