@@ -456,3 +456,21 @@ def test_fixedclipping_mod_inside_the_soft_mod():
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=2e-6)
     upd = np.sqrt(sum(float(((got[k] - glob[k]) ** 2).sum()) for k in glob))
     assert upd <= 0.5 + 1e-5
+
+
+def test_without_error_feedback_nothing_is_stored_and_the_update_only_shrinks():
+    """soft_mod(error_feedback=False) sends S(x): a subset of the (clipped) update's entries."""
+    glob = peft_arrays()
+    soft = SoftDecode(FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+                      sparsity=0.9)
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    msgs = list(soft.configure_train(1, record(glob), ConfigRecord({}), FakeGrid([7])))
+    loc = local_arrays(glob, 7)
+    [reply] = run_clients(msgs, train_app({7: loc}), {7: ctx}, [soft_mod(error_feedback=False)])
+    assert EF_STATE_KEY not in ctx.state.array_records
+    new, _ = soft.aggregate_train(1, [reply])
+    got = numpy(new)
+    lora = [k for k in glob if ".lora_" in k]
+    sent = np.sqrt(sum(float(((got[k] - glob[k]) ** 2).sum()) for k in lora))
+    true = np.sqrt(sum(float(((loc[k] - glob[k]) ** 2).sum()) for k in lora))
+    assert 0 < sent < true

@@ -1,0 +1,1 @@
+"""flowertune-soft: a FlowerTune-shaped LLM fine-tuning app with SOFT-sparsified uploads."""
