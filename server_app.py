@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -92,7 +93,10 @@ def main(grid: Grid, context: Context) -> None:
         append_scores(run.dir, server_round, layer_scores(work.model))
         loss, acc, _ = evaluate(work.runner, test, device)
         work.model.cpu()
-        return MetricRecord({"accuracy": acc, "loss": loss})
+        out = {"accuracy": acc, "loss": loss}
+        if work.spec.causal:  # loss per response token; accuracy = exact match of the answer
+            out["perplexity"] = math.exp(min(loss, 700.0))
+        return MetricRecord(out)
 
     def on_round(server_round: int, arrays: ArrayRecord, records: RecordDict) -> None:
         """One metrics.jsonl row per round (fsynced), the progress line, checkpoints."""

@@ -222,6 +222,32 @@ class TrainingSection:
         "example and train / evaluate only the blocks above (BERT-family text models; set "
         "lora-layers to upper blocks) | off",
     )
+    quantization: str = opt(
+        "none",
+        *_choice("none", "8bit", "4bit"),
+        help="causal LMs: the frozen base in 8-bit or 4-bit (bitsandbytes, QLoRA; needs CUDA and "
+        "pip install 'fedsoft[gpu]') | none (bf16 on CUDA, float32 on CPU)",
+    )
+    gradient_checkpointing: bool = opt(
+        False, lambda v: isinstance(v, bool), "true | false",
+        help="causal LMs: recompute block activations in backward (less memory, ~30% slower)",
+    )
+    packing: bool = opt(
+        False, lambda v: isinstance(v, bool), "true | false",
+        help="causal LMs: concatenate each training batch into one padding-free row "
+        "(position_ids, block-causal attention); evaluation stays unpacked",
+    )
+    modules_to_save: str = opt(
+        "", None, "comma-separated module names",
+        help="extra modules trained and federated densely beside LoRA, as peft's "
+        "modules_to_save (e.g. 'lm_head'); '' = the model spec's head only (none for causal LMs)",
+    )
+    prompt_template: str = opt(
+        "short",
+        *_choice("short", "alpaca"),
+        help="causal LMs: instruction prompt, 'alpaca' (FlowerTune's preamble) or 'short' (no "
+        "preamble, for small context windows)",
+    )
     local_epochs: int = opt(1, _positive, ">= 1", help="local epochs (used when local-steps = 0)")
     local_steps: int = opt(
         20,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODALITIES = ("text", "image")
+MODALITIES = ("text", "image", "causal-lm")
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -86,8 +87,12 @@ def make_collate(
     image_size: int = 224,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
+    packing: bool = False,
 ) -> Collate:
     """Collate function turning a list of ``{text|image, label}`` rows into model tensors.
+
+    causal-lm: rows of :mod:`fedsoft.task.instructions` (``prefix``, ``input``, ``suffix``,
+    ``response``) -> :func:`causal_collate`.
 
     text: ``tokenizer(texts, padding=True, truncation=True, max_length)`` tensors plus
     ``labels``. image: each image -> RGB float in [0, 1], bilinear (antialiased) resize to
@@ -96,6 +101,8 @@ def make_collate(
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if modality == "causal-lm":
+        return causal_collate(tokenizer, max_length, packing=packing)
     if modality == "text":
         if tokenizer is None or not callable(tokenizer):
             raise ValueError(f"tokenizer must be a callable tokenizer for text, got {tokenizer!r}")
@@ -138,6 +145,74 @@ def make_collate(
         return {"pixel_values": pixels, "labels": _labels(batch)}
 
     return collate_image
+
+
+def causal_collate(tokenizer: Any, max_length: int, *, packing: bool = False) -> Collate:
+    """Instruction rows -> ``input_ids``, ``attention_mask``, ``labels`` (right-padded).
+
+    Each row is ``[bos] prefix + input + suffix + response + eos`` with labels -100 on
+    everything before the response, so the loss is on the response (and its end) only. Over
+    ``max_length`` tokens the input is cut first, then the response's tail. ``packing``
+    concatenates the batch into one row with ``position_ids`` (no padding;
+    ``transformers.DataCollatorWithFlattening``, -100 at every boundary). ``n_examples``
+    (popped before the forward pass) counts the rows in either layout.
+    """
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError(f"tokenizer must be a callable tokenizer, got {tokenizer!r}")
+    length = _positive_int("max_length", max_length)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if eos is None:
+        raise ValueError("a causal-LM tokenizer needs an eos token")
+    bos = tokenizer.bos_token_id
+    lead = [bos] if bos is not None and bos != eos else []
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(ex: dict[str, Any]) -> tuple[list[int], list[int]]:
+        try:
+            parts = [ex["prefix"], ex["input"], ex["suffix"], ex["response"]]
+        except KeyError as exc:
+            raise ValueError(f"an instruction row needs {exc.args[0]!r}") from None
+        if not all(isinstance(p, str) for p in parts):
+            raise TypeError("instruction fields must hold str")
+        cap = 8 * length  # characters: a long input is cut anyway, tokenise only its head
+        prefix, suffix = lead + list(ids(parts[0])), list(ids(parts[2]))
+        inp, resp = list(ids(parts[1][:cap])), list(ids(parts[3][:cap])) + [eos]
+        room = length - len(prefix) - len(suffix) - len(resp)
+        inp = inp[: max(room, 0)]
+        prompt = prefix + inp + suffix
+        resp = resp[: max(length - len(prompt), 1)]
+        prompt = prompt[: length - len(resp)]
+        return prompt + resp, [-100] * len(prompt) + resp
+
+    flatten = None
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+
+    def collate_causal(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not batch:
+            raise ValueError("batch is empty")
+        rows = [encode(ex) for ex in batch]
+        if flatten is not None:
+            out = flatten([{"input_ids": x, "labels": y} for x, y in rows], return_tensors="pt")
+            out = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        else:
+            width = max(len(x) for x, _ in rows)
+            out = {
+                "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x, _ in rows]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x))
+                                                for x, _ in rows]),
+                "labels": torch.tensor([y + [-100] * (width - len(y)) for _, y in rows]),
+            }
+        out["n_examples"] = torch.tensor(len(rows))
+        return out
+
+    return collate_causal
 
 
 def make_loader(

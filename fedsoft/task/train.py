@@ -45,6 +45,21 @@ def _batches(loader: Iterable, epochs: int, steps: int):
             yield from loader
 
 
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+              ) -> torch.Tensor:
+    """Cross-entropy of a classifier (labels (N,)) or of a causal LM (labels (N, T), next-token
+    prediction, -100 = not scored: the prompt, padding and packing boundaries)."""
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels, reduction=reduction)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+def _examples(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> int:
+    n = batch.pop("n_examples", None)
+    return int(labels.shape[0]) if n is None else int(n)
+
+
 def train_local(
     model: torch.nn.Module,
     loader: Iterable,
@@ -73,9 +88,10 @@ def train_local(
     for batch in _batches(loader, epochs, steps):
         batch = _to(batch, device)
         labels = batch.pop("labels")
+        count = _examples(batch, labels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**batch).logits
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = task_loss(logits, labels)
         total = loss
         if factors:
             orth = sum(orth_penalty(a, b) for a, b in factors)
@@ -88,7 +104,7 @@ def train_local(
         opt.step()
         task_sum += float(loss.detach())
         n_steps += 1
-        n_examples += int(labels.shape[0])
+        n_examples += count
     model.eval()
     if n_steps == 0:
         raise ValueError("local training saw no batches: the partition is empty")
@@ -99,19 +115,34 @@ def train_local(
 def evaluate(
     model: torch.nn.Module, loader: Iterable, device: torch.device | str = "cpu"
 ) -> tuple[float, float, int]:
-    """Mean cross-entropy loss, accuracy and example count on ``loader``."""
+    """Mean cross-entropy loss, accuracy and example count on ``loader``.
+
+    Causal LM (token labels): the loss is per response token (its exp is the perplexity) and
+    the accuracy is the exact match of the greedy answer. Greedy decoding reproduces the
+    reference response (and its eos) exactly iff every teacher-forced argmax over the
+    response equals the next reference token, so one forward pass measures it exactly.
+    """
     device = torch.device(device)
     model.to(device)
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, correct, count, tokens = 0.0, 0, 0, 0
     for batch in loader:
         batch = _to(batch, device)
         labels = batch.pop("labels")
+        batch.pop("n_examples", None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**batch).logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
+        loss_sum += float(task_loss(logits, labels, reduction="sum"))
+        if labels.dim() == 1:
+            correct += int((logits.argmax(-1) == labels).sum())
+            tokens += int(labels.shape[0])
+        else:
+            target = labels[:, 1:]
+            scored = target != -100
+            hit = (logits[:, :-1].argmax(-1) == target) | ~scored
+            correct += int((hit.all(dim=1) & scored.any(dim=1)).sum())
+            tokens += int(scored.sum())
         count += int(labels.shape[0])
-    if count == 0:
+    if count == 0 or tokens == 0:
         return math.nan, math.nan, 0
-    return loss_sum / count, correct / count, count
+    return loss_sum / tokens, correct / count, count

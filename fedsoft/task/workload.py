@@ -10,10 +10,16 @@ import torch
 
 from fedsoft.config import ConfigLike, RunConfig, parse_int_list, parse_list
 from fedsoft.logs import log
-from fedsoft.task import data, prefix
+from fedsoft.task import data, instructions, prefix
 from fedsoft.task import partition as partitioning
 from fedsoft.task.collate import make_collate, make_loader
-from fedsoft.task.models import ModelSpec, build_model, get_spec, load_preprocessor
+from fedsoft.task.models import (
+    ModelSpec,
+    build_model,
+    get_spec,
+    load_preprocessor,
+    pick_device,
+)
 
 
 @dataclass
@@ -27,14 +33,19 @@ class Workload:
     num_classes: int
     runner: torch.nn.Module | None = None
     prefix_start: int = 0
+    eval_collate: Any = None  # evaluation's batches (unpacked), when they differ from training's
 
     def __post_init__(self) -> None:
         if self.runner is None:
             self.runner = self.model
+        if self.eval_collate is None:
+            self.eval_collate = self.collate
 
 
 _MODEL_KEYS = ("model", "dataset", "lora-rank", "lora-alpha", "lora-target-modules",
-               "lora-layers", "seed", "max-length", "image-size", "frozen-prefix")
+               "lora-layers", "seed", "max-length", "image-size", "frozen-prefix",
+               "modules-to-save", "quantization", "gradient-checkpointing", "packing",
+               "device")
 _CACHE: dict[tuple, Workload] = {}
 
 
@@ -49,37 +60,78 @@ def build_workload(cfg: ConfigLike) -> Workload:
     if key in _CACHE:
         return _CACHE[key]
     spec = get_spec(cfg.training.model)
-    dspec = data.get_dataset_spec(cfg.training.dataset)
-    if dspec.modality != spec.modality:
-        raise ValueError(
-            f"dataset = {cfg.training.dataset!r} is {dspec.modality} data but model = "
-            f"{cfg.training.model!r} takes {spec.modality} input"
-        )
-    model = build_model(
-        spec,
-        dspec.num_classes,
-        cfg.training.lora_rank,
-        cfg.training.lora_alpha,
-        target_modules=parse_list(cfg.training.lora_target_modules) or None,
-        layers=parse_int_list(cfg.training.lora_layers) or None,
-        seed=cfg.run.seed,
-    )
-    pre = load_preprocessor(spec)
-    if spec.modality == "text":
-        collate = make_collate("text", tokenizer=pre, max_length=cfg.training.max_length)
+    t = cfg.training
+    if spec.causal:
+        work = _causal_workload(cfg, spec)
     else:
-        collate = make_collate(
-            "image", image_size=cfg.training.image_size,
-            image_mean=tuple(pre.image_mean), image_std=tuple(pre.image_std),
+        dspec = data.get_dataset_spec(t.dataset)
+        if dspec.modality != spec.modality:
+            raise ValueError(
+                f"dataset = {t.dataset!r} is {dspec.modality} data but model = "
+                f"{t.model!r} takes {spec.modality} input"
+            )
+        for name, used in (("quantization", t.quantization != "none"),
+                           ("packing", t.packing)):
+            if used:
+                raise ValueError(f"{name} = {getattr(t, name)!r}: only for causal LMs, not "
+                                 f"model = {t.model!r}")
+        model = build_model(
+            spec,
+            dspec.num_classes,
+            t.lora_rank,
+            t.lora_alpha,
+            target_modules=parse_list(t.lora_target_modules) or None,
+            layers=parse_int_list(t.lora_layers) or None,
+            seed=cfg.run.seed,
+            modules_to_save=parse_list(t.modules_to_save) or None,
+            gradient_checkpointing=t.gradient_checkpointing,
         )
-    work = Workload(spec, model, collate, dspec.num_classes)
-    if cfg.training.frozen_prefix == "cache":
-        start = prefix.first_lora_block(model)
-        work.runner, work.prefix_start = prefix.PrefixModel(model, start), start
+        pre = load_preprocessor(spec)
+        if spec.modality == "text":
+            collate = make_collate("text", tokenizer=pre, max_length=t.max_length)
+        else:
+            collate = make_collate(
+                "image", image_size=t.image_size,
+                image_mean=tuple(pre.image_mean), image_std=tuple(pre.image_std),
+            )
+        work = Workload(spec, model, collate, dspec.num_classes)
+    if t.frozen_prefix == "cache":
+        if spec.causal:
+            raise ValueError(f"frozen-prefix = 'cache': BERT-family classifiers only, not the "
+                             f"causal LM {t.model!r}")
+        start = prefix.first_lora_block(work.model)
+        work.runner, work.prefix_start = prefix.PrefixModel(work.model, start), start
     _CACHE.clear()
     prefix.clear_cache()
     _CACHE[key] = work
     return work
+
+
+def _causal_workload(cfg: RunConfig, spec: ModelSpec) -> Workload:
+    """A causal LM under LoRA on instruction data (a hub set, or a classification set recast)."""
+    t = cfg.training
+    if not instructions.is_instruction_set(t.dataset):
+        dspec = data.get_dataset_spec(t.dataset)
+        if dspec.modality != "text":
+            raise ValueError(f"dataset = {t.dataset!r} is {dspec.modality} data; a causal LM "
+                             "needs text (instruction sets, or text classes recast)")
+    device = pick_device(cfg.run.device).type
+    model = build_model(
+        spec, 0, t.lora_rank, t.lora_alpha,
+        target_modules=parse_list(t.lora_target_modules) or None,
+        layers=parse_int_list(t.lora_layers) or None,
+        seed=cfg.run.seed,
+        modules_to_save=parse_list(t.modules_to_save) or None,
+        quantization=t.quantization,
+        gradient_checkpointing=t.gradient_checkpointing,
+        device=device,
+    )
+    tok = load_preprocessor(spec)
+    collate = make_collate("causal-lm", tokenizer=tok, max_length=t.max_length,
+                           packing=t.packing)
+    plain = (make_collate("causal-lm", tokenizer=tok, max_length=t.max_length)
+             if t.packing else collate)
+    return Workload(spec, model, collate, 0, eval_collate=plain)
 
 
 def clear_cache() -> None:
@@ -92,6 +144,11 @@ def clear_cache() -> None:
 def splits(cfg: ConfigLike):
     """Train and held-out test splits (capped as configured)."""
     cfg = RunConfig.coerce(cfg)
+    if get_spec(cfg.training.model).causal:
+        return instructions.load_instruction_splits(
+            cfg.training.dataset, template=cfg.training.prompt_template,
+            max_train=cfg.training.max_train_examples or None,
+            max_test=cfg.training.max_test_examples or None, seed=cfg.run.seed)
     return data.load_splits(
         cfg.training.dataset,
         max_train=cfg.training.max_train_examples or None,
@@ -135,7 +192,8 @@ def test_loader(cfg: ConfigLike, work: Workload):
         return prefix.cached_loader(key, work.model, work.prefix_start, test, work.collate,
                                     cfg.training.max_length, cfg.training.eval_batch_size,
                                     shuffle=False, seed=0)
-    return make_loader(test, work.collate, cfg.training.eval_batch_size, shuffle=False, seed=0)
+    return make_loader(test, work.eval_collate, cfg.training.eval_batch_size, shuffle=False,
+                       seed=0)
 
 
 def server_partition_sizes(cfg: ConfigLike, num_partitions: int | None) -> dict[int, int]:
