@@ -380,3 +380,20 @@ def test_bad_inputs_raise_with_field_name() -> None:
         from_rows(torch.zeros(3), 1)
     with pytest.raises(ValueError, match="scores"):
         allocate_budget(torch.tensor([1.0, -1.0]), 1, 3)
+
+
+def test_low_rank_svd_matches_the_full_svd_of_the_product():
+    from fedsoft.compression.sparsifiers.base import to_rows
+    from fedsoft.compression.sparsifiers.svd import low_rank_svd
+    from fedsoft.compression.spectrum import product_energy
+
+    gen = torch.Generator().manual_seed(3)
+    B = torch.randn(300, 6, generator=gen, dtype=torch.float64)
+    A = torch.randn(6, 200, generator=gen, dtype=torch.float64)
+    U, S, Vh = low_rank_svd(B, A)
+    full = torch.linalg.svdvals(B @ A)[:6]
+    assert torch.allclose(S, full, rtol=1e-10)
+    assert torch.allclose((U * S) @ Vh, B @ A, atol=1e-9)
+    assert torch.allclose(U.T @ U, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    energy = float(torch.linalg.matrix_norm(B @ A) ** 2)
+    assert product_energy(to_rows(A, B), 300) == pytest.approx(energy, rel=1e-10)

@@ -45,9 +45,11 @@ def svd_proxy_rel_err(A: Tensor, B: Tensor) -> float:
 
 
 def product_energy(rows: Tensor, d: int) -> float:
-    """``||B A||_F^2`` of the factors stored in rank rows (eq. 8's left side)."""
+    """``||B A||_F^2`` of the factors stored in rank rows (eq. 8's left side), as
+    ``sum((A A^T) * (B^T B))`` = trace(A A^T B^T B): O((d + k) r^2), B A is never formed."""
     A, B = from_rows(rows, d)
-    return float(torch.linalg.matrix_norm(B.double() @ A.double()) ** 2)
+    A, B = A.double(), B.double()
+    return float(((A @ A.T) * (B.T @ B)).sum().clamp(min=0.0))
 
 
 def kept_energy_ratio(
