@@ -14,7 +14,7 @@ from fedsoft import checkpoint, lora
 from fedsoft.config import resolve
 from fedsoft.runlog import RunLog, default_run_dir, progress_line
 from fedsoft.task import workload
-from fedsoft.task.models import pick_device
+from fedsoft.task.models import pick_device, release
 from fedsoft.task.train import evaluate
 from fedsoft.wireless.calibration import append_scores, keep_scores_through, layer_scores
 from strategies import messages
@@ -92,10 +92,10 @@ def main(grid: Grid, context: Context) -> None:
         lora.from_arrays(work.model, to_numpy(arrays))
         append_scores(run.dir, server_round, layer_scores(work.model))
         loss, acc, _ = evaluate(work.runner, test, device)
-        work.model.cpu()
+        release(work.model)
         out = {"accuracy": acc, "loss": loss}
         if work.spec.causal:  # loss per response token; accuracy = exact match of the answer
-            out["perplexity"] = math.exp(min(loss, 700.0))
+            out["perplexity"] = math.exp(loss) if loss < 700.0 else math.inf
         return MetricRecord(out)
 
     def on_round(server_round: int, arrays: ArrayRecord, records: RecordDict) -> None:

@@ -1,8 +1,10 @@
 """Causal-LM client cost: peak memory and step time per local step, and the share of a round
 spent in SOFT's selection + encoding (target: under 1% of local training).
 
-Layouts are random-initialised configs of real models (no download): ``tiny`` (the shipped
-tiny-llama's shape), ``qwen2.5-0.5b`` and ``llama-3.2-3b``. On CPU the base is float32; on CUDA
+Layouts are random-initialised configs of real models (no download;
+``fedsoft.task.models.LAYOUTS``): ``tiny`` (the shipped tiny-llama's shape), ``qwen2.5-0.5b``
+and ``llama-3.2-3b``. Peak memory: CUDA's allocator peak, or on CPU the sampled resident-set
+peak above the start of the layout (float32 base). On CPU the base is float32; on CUDA
 bf16 and, with bitsandbytes, 4-bit (QLoRA). One client round = ``--local-steps`` AdamW steps on
 ``--batch`` x ``--tokens`` tokens with LoRA(q, v) at ``--rank``, then ``encode_update`` (SOFT at
 ``--sparsity`` with error feedback; the server's ``decode_update`` is timed too).
@@ -22,57 +24,71 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from fedsoft import lora  # noqa: E402
 from fedsoft.compression.error_feedback import ErrorFeedback  # noqa: E402
 from fedsoft.compression.update import SparseSettings, decode_update, encode_update  # noqa: E402
-from fedsoft.task.models import get_spec, lora_config, memory_estimate_gb  # noqa: E402
+from fedsoft.task.models import (  # noqa: E402
+    get_spec,
+    layout_model,
+    lora_config,
+    memory_estimate_gb,
+)
 
-LAYOUTS = {  # (config class, model class, kwargs) of the real models' configs
-    "tiny": (LlamaConfig, LlamaForCausalLM, dict(
-        vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), "tiny-llama"),
-    "qwen2.5-0.5b": (Qwen2Config, Qwen2ForCausalLM, dict(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-        "qwen2.5-0.5b-instruct"),
-    "llama-3.2-3b": (LlamaConfig, LlamaForCausalLM, dict(
-        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-        num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
-        "llama-3.2-3b"),
-}
+LAYOUTS = {"tiny": "tiny-llama", "qwen2.5-0.5b": "qwen2.5-0.5b-instruct",
+           "llama-3.2-3b": "llama-3.2-3b"}  # bench name -> preset (fedsoft.task.models.LAYOUTS)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 10 ms (the
+    kernel's high-water mark cannot be reset between layouts)."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.base = self.peak = _rss_gb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_gb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_gb())
 
 
 def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    """Current resident memory (Linux /proc/self/statm, pages)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**30
 
 
 def build(layout: str, device: str, quant: str):
-    cfg_cls, model_cls, kw, spec_name = LAYOUTS[layout]
-    cfg = cfg_cls(**kw, use_cache=False)
+    spec = get_spec(LAYOUTS[layout])
     torch.manual_seed(0)
-    if quant == "4bit":
+    base = layout_model(spec.name)
+    base.config.use_cache = False
+    if quant != "none":
         import tempfile
 
+        from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
 
         from fedsoft.task.models import quantization_config
 
         with tempfile.TemporaryDirectory() as tmp:  # bitsandbytes quantises while loading
-            model_cls(cfg).to(torch.bfloat16).save_pretrained(tmp)
+            base.to(torch.bfloat16).save_pretrained(tmp)
             base = AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=quantization_config("4bit"), device_map={"": 0})
-        from peft import prepare_model_for_kbit_training
-
+                tmp, quantization_config=quantization_config(quant), device_map={"": 0})
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     else:
-        base = model_cls(cfg)
-        if device == "cuda":
-            base = base.to(torch.bfloat16)
-        base = base.to(device)
-    spec = get_spec(spec_name)
-    return get_peft_model(base, lora_config(spec, RANK, 2.0 * RANK)), cfg, spec
+        base = base.to(torch.bfloat16 if device == "cuda" else torch.float32).to(device)
+    return get_peft_model(base, lora_config(spec, RANK, 2.0 * RANK)), base.config, spec
 
 
 RANK = 16
@@ -83,7 +99,7 @@ def run(layout: str, device: str, quant: str, args) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _rss_gb()
+    rss = PeakRSS().__enter__()
     model, cfg, spec = build(layout, device, quant)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,8 +121,9 @@ def run(layout: str, device: str, quant: str, args) -> dict:
         if step > 0 or args.local_steps == 1:  # the first step warms up kernels / allocator
             times.append(time.perf_counter() - t0)
     step_s = sum(times) / len(times)
+    rss.__exit__()
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
-            else _rss_gb() - rss0)
+            else rss.peak - rss.base)
     local = lora.to_arrays(model.cpu() if device == "cpu" else model)
     settings = SparseSettings("soft", args.sparsity, dtype=args.wire_dtype)
     ef = ErrorFeedback("bench")
@@ -124,8 +141,8 @@ def run(layout: str, device: str, quant: str, args) -> dict:
             "bf16" if device == "cuda" else "fp32"),
         "tokens/step": args.batch * args.tokens, "step_s": step_s,
         "peak_gb": peak, "estimate_gb": memory_estimate_gb(
-            spec, quant, batch_tokens=args.batch * args.tokens, hidden=cfg.hidden_size,
-            layers=cfg.num_hidden_layers) if device == "cuda" else float("nan"),
+            spec, quant, batch_tokens=args.batch * args.tokens) if device == "cuda"
+        else float("nan"),
         "lora_M": lora_entries / 1e6, "encode_s": min(enc), "decode_s": min(dec),
     }
     out["encode_share"] = out["encode_s"] / (args.local_steps * step_s)

@@ -15,7 +15,7 @@ from fedsoft.compression.update import SparseSettings, encode_update
 from fedsoft.config import ConfigLike, RunConfig
 from fedsoft.sketching.sketch import layer_indices, sketch_reply, sketched_training
 from fedsoft.task import workload
-from fedsoft.task.models import pick_device
+from fedsoft.task.models import pick_device, release
 from fedsoft.task.train import train_local
 
 
@@ -72,7 +72,7 @@ def local_round(
             device=pick_device(cfg.run.device),
         )
     train_s = time.perf_counter() - t0
-    work.model.cpu()
+    release(work.model)
     metrics: dict[str, float | int] = {
         "num-examples": int(n_part),
         "train-loss": float(result.loss),

@@ -8,6 +8,7 @@ fedsoft/task/assets/tiny-llama/. Deterministic for a given seed; CPU, a few minu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.resources
 import json
 import math
@@ -102,6 +103,7 @@ def main() -> None:
             "held_out_loss": round(test_loss, 4),
             "held_out_perplexity": round(math.exp(test_loss), 2),
             "seconds": round(time.time() - t0, 1)}
+    info["sha256"] = hashlib.sha256((args.out / "model.safetensors").read_bytes()).hexdigest()
     (args.out / "pretraining.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(info))
 

@@ -18,7 +18,7 @@ from fedsoft.sketching import plan as sketch_plan
 from fedsoft.sketching.optimizer import uniform_plan
 from fedsoft.task import partition as partitioning
 from fedsoft.task import workload
-from fedsoft.task.models import pick_device
+from fedsoft.task.models import pick_device, release
 from fedsoft.task.train import evaluate
 from fedsoft.wireless import plan as tsfa_plan
 from fedsoft.wireless.channel import snr_line
@@ -146,7 +146,7 @@ def sketch_pilot(cfg: ConfigLike, grid: Grid, work, test, device, system, sizes,
         def pilot_eval(server_round: int, arrays: ArrayRecord, losses=losses) -> MetricRecord:
             lora.from_arrays(work.model, to_numpy(arrays))
             loss, acc, _ = evaluate(work.runner, test, device)
-            work.model.cpu()
+            release(work.model)
             losses[server_round] = loss
             return MetricRecord({"accuracy": acc, "loss": loss})
 

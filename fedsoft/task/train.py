@@ -51,11 +51,13 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
     prediction, -100 = not scored: the prompt, padding and packing boundaries)."""
     if labels.dim() == 1:
         return F.cross_entropy(logits.float(), labels, reduction=reduction)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # one copy, in the model's dtype
+    return F.cross_entropy(shifted.float(), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction=reduction)
 
 
 def _examples(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> int:
+    batch.pop("complete", None)
     n = batch.pop("n_examples", None)
     return int(labels.shape[0]) if n is None else int(n)
 
@@ -120,7 +122,9 @@ def evaluate(
     Causal LM (token labels): the loss is per response token (its exp is the perplexity) and
     the accuracy is the exact match of the greedy answer. Greedy decoding reproduces the
     reference response (and its eos) exactly iff every teacher-forced argmax over the
-    response equals the next reference token, so one forward pass measures it exactly.
+    response equals the next reference token, so one forward pass measures it exactly. A row
+    whose response was cut by ``max-length`` (no eos scored: ``complete`` is 0) never counts
+    as a match. Packed batches are refused: a packed row is many examples.
     """
     device = torch.device(device)
     model.to(device)
@@ -129,18 +133,24 @@ def evaluate(
     for batch in loader:
         batch = _to(batch, device)
         labels = batch.pop("labels")
-        batch.pop("n_examples", None)
+        n_rows = batch.pop("n_examples", None)
+        complete = batch.pop("complete", None)
+        if n_rows is not None and int(n_rows) != labels.shape[0]:
+            raise ValueError("evaluate needs unpacked batches (packing = true is for training)")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(**batch).logits.float()
+            logits = model(**batch).logits
         loss_sum += float(task_loss(logits, labels, reduction="sum"))
         if labels.dim() == 1:
-            correct += int((logits.argmax(-1) == labels).sum())
+            correct += int((logits.float().argmax(-1) == labels).sum())
             tokens += int(labels.shape[0])
         else:
             target = labels[:, 1:]
             scored = target != -100
-            hit = (logits[:, :-1].argmax(-1) == target) | ~scored
-            correct += int((hit.all(dim=1) & scored.any(dim=1)).sum())
+            hit = ((logits[:, :-1].argmax(-1) == target) | ~scored).all(dim=1)
+            hit &= scored.any(dim=1)
+            if complete is not None:
+                hit &= complete
+            correct += int(hit.sum())
             tokens += int(scored.sum())
         count += int(labels.shape[0])
     if count == 0 or tokens == 0:

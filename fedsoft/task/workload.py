@@ -110,7 +110,11 @@ def build_workload(cfg: ConfigLike) -> Workload:
 def _causal_workload(cfg: RunConfig, spec: ModelSpec) -> Workload:
     """A causal LM under LoRA on instruction data (a hub set, or a classification set recast)."""
     t = cfg.training
-    if not instructions.is_instruction_set(t.dataset):
+    if instructions.is_instruction_set(t.dataset):
+        if cfg.partitioning.partitioner != "iid":
+            raise ValueError(f"partitioner = {cfg.partitioning.partitioner!r}: the instruction "
+                             f"set {t.dataset!r} has no classes to split by; use 'iid'")
+    else:
         dspec = data.get_dataset_spec(t.dataset)
         if dspec.modality != "text":
             raise ValueError(f"dataset = {t.dataset!r} is {dspec.modality} data; a causal LM "
@@ -126,6 +130,13 @@ def _causal_workload(cfg: RunConfig, spec: ModelSpec) -> Workload:
         gradient_checkpointing=t.gradient_checkpointing,
         device=device,
     )
+    limit = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(model.config, k, None), int)), None)
+    if limit is not None and t.max_length > limit:
+        raise ValueError(f"max-length = {t.max_length}: {t.model!r} has {limit} positions")
+    if t.max_length < 8:
+        raise ValueError(f"max-length = {t.max_length}: a causal LM needs room for a prompt "
+                         "and a response (>= 8 tokens)")
     tok = load_preprocessor(spec)
     collate = make_collate("causal-lm", tokenizer=tok, max_length=t.max_length,
                            packing=t.packing)
