@@ -51,6 +51,19 @@ def test_wheel_installs_nothing_generic_at_the_top_level(wheel_install):
     assert "fedsoft/strategies/lora_fedavg.py" in names
     # the Flower app's entry points and presets are the checkout's / FAB's, not the library's
     assert not any(n.endswith(("server_app.py", "client_app.py")) for n in names)
+    # the offline causal LM ships its weights and the drop-in mod / wrapper ship with the library
+    assert "fedsoft/task/assets/tiny-llama/model.safetensors" in names
+    assert "fedsoft/dropin/strategy.py" in names and "fedsoft/dropin/mod.py" in names
+
+
+def test_installed_tiny_llama_and_dropin_load_from_the_wheel(wheel_install, tmp_path):
+    _, target = wheel_install
+    code = ("import sys; from fedsoft.task.models import tiny_llama_dir; "
+            "from fedsoft.dropin import SoftDecode, soft_mod; "
+            "d = tiny_llama_dir(); assert str(d).startswith(sys.argv[1]), d; print(d.name)")
+    proc = _run_installed(target, tmp_path, "-c", code, str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tiny-llama"]
 
 
 def test_installed_strategies_import_from_under_fedsoft(wheel_install, tmp_path):
