@@ -6,10 +6,17 @@ import io
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from numpy.lib import format as npy
+
+from fedsoft.compression import codec, quantize
+from fedsoft.layout import head_arrays
+
+if TYPE_CHECKING:
+    from fedsoft.compression.update import SparseSettings
 
 __all__ = ["RecordError", "ReplyLayout", "checked_numpy", "npy_nbytes", "to_numpy", "to_record"]
 
@@ -40,6 +47,27 @@ class ReplyLayout:
         total = sum(_MAX_HEADER + math.prod(s) * np.dtype(dt).itemsize
                     for dt, s in reference.values())
         return cls(arrays, frozenset(arrays), total)
+
+    @classmethod
+    def payload(cls, settings: SparseSettings, global_arrays: Mapping[str, np.ndarray],
+                max_bytes: int) -> ReplyLayout:
+        """A sparse payload's layout: the codec's keys and dtypes
+        (:mod:`fedsoft.compression.codec`) and a whole head in the wire dtype and its own shape
+        (a sparse head travels with the LoRA rows), at most ``max_bytes``."""
+        wire = quantize.wire_array_dtype(settings.dtype).name
+        one_d = {codec.VALS: {wire}, codec.CNT: {"uint16", "uint32"}, codec.POS_MODE: {"uint8"},
+                 codec.IDX: {"uint16"}, codec.BMP: {"uint8"}, codec.RICE: {"uint8"}}
+        required = {codec.VALS, codec.CNT, codec.POS_MODE}
+        if quantize.scaled(settings.dtype):
+            one_d[codec.SCALE] = {"float32"}
+            required.add(codec.SCALE)
+        arrays = {k: (frozenset(v), None) for k, v in one_d.items()}
+        if not settings.sparse_head:
+            heads = head_arrays(global_arrays)
+            arrays.update({codec.DENSE_PREFIX + k: (frozenset({wire}), v.shape)
+                           for k, v in heads.items()})
+            required |= {codec.DENSE_PREFIX + k for k in heads}
+        return cls(arrays, frozenset(required), max_bytes)
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

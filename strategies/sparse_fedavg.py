@@ -12,7 +12,6 @@ import torch
 from flwr.app import MetricRecord
 from flwr.common import log
 
-from fedsoft.compression import codec, quantize
 from fedsoft.compression.covariance import cov_fro
 from fedsoft.compression.orthogonality import orth_offdiag
 from fedsoft.compression.spectrum import svd_proxy_rel_err
@@ -71,21 +70,8 @@ class SparseLoRAFedAvg(LoRAFedAvg):
         """The codec's keys and dtypes (:mod:`fedsoft.compression.codec`), a whole head in the
         wire dtype and its own shape (a sparse head travels with the LoRA rows), at most twice
         the dense reply's bytes (checked before deserialising)."""
-        settings = self.round_settings(server_round, node_id)
-        wire = quantize.wire_array_dtype(settings.dtype).name
-        one_d = {codec.VALS: {wire}, codec.CNT: {"uint16", "uint32"}, codec.POS_MODE: {"uint8"},
-                 codec.IDX: {"uint16"}, codec.BMP: {"uint8"}, codec.RICE: {"uint8"}}
-        required = {codec.VALS, codec.CNT, codec.POS_MODE}
-        if quantize.scaled(settings.dtype):
-            one_d[codec.SCALE] = {"float32"}
-            required.add(codec.SCALE)
-        arrays = {k: (frozenset(v), None) for k, v in one_d.items()}
-        if not settings.sparse_head:
-            heads = head_arrays(self.global_arrays)
-            arrays.update({codec.DENSE_PREFIX + k: (frozenset({wire}), v.shape)
-                           for k, v in heads.items()})
-            required |= {codec.DENSE_PREFIX + k for k in heads}
-        return ReplyLayout(arrays, frozenset(required), 2 * self.dense_reply_bytes + 4096)
+        return ReplyLayout.payload(self.round_settings(server_round, node_id),
+                                   self.global_arrays, 2 * self.dense_reply_bytes + 4096)
 
     def decode_reply(self, server_round: int, node_id: int, arrays: dict[str, np.ndarray],
                      metrics: MetricRecord) -> dict[str, np.ndarray]:

@@ -14,7 +14,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -29,47 +28,11 @@ from fedsoft.compression.update import SparseSettings, decode_update, encode_upd
 from fedsoft.dropin import KeyMap, KeyMapError, SoftDecode, soft_mod
 from fedsoft.dropin.mod import EF_STATE_KEY, FORMAT, MARKER
 from fedsoft.layout import layer_specs
+from tests.test_strategies import FakeGrid, _task_identity  # noqa: F401 - autouse fixture
 
 NODES = [7, 8, 9]
 SIZES = {7: 30, 8: 50, 9: 20}
 PREFIX = "base_model.model.model.layers"
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Message(...) needs a task identity; Flower sets it inside real runs only."""
-    from flwr.supercore.task_identity import TaskIdentity  # internal API (1.42)
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-
-class FakeGrid(Grid):
-    """Minimal Grid: fixed node ids, no transport."""
-
-    def __init__(self, ids):
-        self._ids = ids
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        return None
-
-    def create_message(self, *a, **k):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self._ids)
-
-    def push_messages(self, messages):
-        return []
-
-    def pull_messages(self, message_ids):
-        return []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return []
 
 
 def peft_arrays(seed: int = 0, scale: float = 1.0, layers: int = 2) -> dict[str, np.ndarray]:

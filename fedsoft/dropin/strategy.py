@@ -13,40 +13,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsoft.compression import codec, quantize
 from fedsoft.compression.update import SparseSettings, decode_update
 from fedsoft.dropin.keys import KeyMap
 from fedsoft.dropin.mod import CONFIG_KEYS, FORMAT, MARKER, PREFIX, settings_to_config
-from fedsoft.layout import head_arrays
 
 try:  # the wheel ships the app's strategies/ as fedsoft.strategies; a checkout has strategies
     from fedsoft.strategies.records import ReplyLayout, checked_numpy
 except ModuleNotFoundError:  # pragma: no cover - depends on how fedsoft is installed
     from strategies.records import ReplyLayout, checked_numpy
 
-__all__ = ["PLAIN_POLICIES", "SoftDecode", "payload_layout"]
+__all__ = ["PLAIN_POLICIES", "SoftDecode"]
 
 PLAIN_POLICIES = ("reject", "accept")
-
-
-def payload_layout(settings: SparseSettings, global_fedsoft: dict[str, np.ndarray],
-                   max_bytes: int) -> ReplyLayout:
-    """The codec's keys and dtypes (:mod:`fedsoft.compression.codec`), a whole head in the
-    wire dtype and its own shape, at most ``max_bytes`` (checked before deserialising)."""
-    wire = quantize.wire_array_dtype(settings.dtype).name
-    one_d = {codec.VALS: {wire}, codec.CNT: {"uint16", "uint32"}, codec.POS_MODE: {"uint8"},
-             codec.IDX: {"uint16"}, codec.BMP: {"uint8"}, codec.RICE: {"uint8"}}
-    required = {codec.VALS, codec.CNT, codec.POS_MODE}
-    if quantize.scaled(settings.dtype):
-        one_d[codec.SCALE] = {"float32"}
-        required.add(codec.SCALE)
-    arrays = {k: (frozenset(v), None) for k, v in one_d.items()}
-    if not settings.sparse_head:
-        heads = head_arrays(global_fedsoft)
-        arrays.update({codec.DENSE_PREFIX + k: (frozenset({wire}), v.shape)
-                       for k, v in heads.items()})
-        required |= {codec.DENSE_PREFIX + k for k in heads}
-    return ReplyLayout(arrays, frozenset(required), max_bytes)
 
 
 @dataclass
@@ -223,8 +201,8 @@ class SoftDecode(Strategy):
             raise ValueError(f"{len(content.array_records)} ArrayRecords, expected 1")
         record = next(iter(content.array_records.values()))
         max_bytes = int(self.max_bytes_factor * rnd.dense_bytes) + 4096
-        payload = checked_numpy(record, payload_layout(rnd.settings, rnd.global_fedsoft,
-                                                       max_bytes), what="payload")
+        layout = ReplyLayout.payload(rnd.settings, rnd.global_fedsoft, max_bytes)
+        payload = checked_numpy(record, layout, what="payload")
         out = decode_update(payload, rnd.global_fedsoft, rnd.settings, server_round=server_round,
                             node_id=nid, max_bytes=max_bytes)
         full = rnd.keymap.to_peft(out)

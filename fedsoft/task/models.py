@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import json
 import os
 import sys
 import warnings
@@ -236,16 +238,13 @@ def tiny_llama_dir() -> Path:
     ``sys.path``. A Flower FAB carries only code and json, so an app running from its FAB copy
     finds the weights in the installed package (checkout or wheel); they must be the ones its
     own ``pretraining.json`` names (sha256), so that every node federates the same base."""
-    import hashlib
-    import json
-
     want = json.loads((TINY_LLAMA_DIR / "pretraining.json").read_text()).get("sha256")
     rel = Path("fedsoft") / "task" / "assets" / "tiny-llama"
     searched = [TINY_LLAMA_DIR, *(Path(p) / rel for p in sys.path if p)]
     for folder in searched:
         weights = folder / "model.safetensors"
         if weights.is_file() and (folder / "config.json").is_file():
-            if want and _sha256(weights, hashlib) != want:
+            if want and _sha256(weights) != want:
                 continue  # another build's weights: not this base
             return folder
     raise OSError(f"model = 'tiny-llama': no model.safetensors with sha256 {want} in "
@@ -256,7 +255,7 @@ def tiny_llama_dir() -> Path:
 _SHA: dict[tuple[str, float], str] = {}
 
 
-def _sha256(path: Path, hashlib) -> str:  # noqa: ANN001 - the module, imported lazily
+def _sha256(path: Path) -> str:
     key = (str(path), path.stat().st_mtime)
     if key not in _SHA:
         _SHA[key] = hashlib.sha256(path.read_bytes()).hexdigest()
